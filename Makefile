@@ -1,0 +1,36 @@
+# Two commands do all the set-up: `make run` (install and serve) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+HOST ?= 127.0.0.1
+PORT ?= 50051
+
+.PHONY: run test lint proto clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed-run: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+run: $(VENV)/.installed-run  ## install the server and serve on $(HOST):$(PORT)
+	$(BIN)/gradient-server --host $(HOST) --port $(PORT)
+
+test: $(VENV)/.installed-test  ## install everything and run the tests
+	$(BIN)/python -m pytest
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+proto: $(VENV)/.installed-test  ## regenerate client/gradient/v1 from protos/
+	$(BIN)/python scripts/generate_protos.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info client/*.egg-info server/*.egg-info

@@ -1,0 +1,27 @@
+"""Python SDK of the gradient service: build graphs like numpy, get values and gradients back."""
+
+from .client import (
+    AsyncGradientClient,
+    ForwardResult,
+    GradientClient,
+    GradientResult,
+    OpAttr,
+    OpInfo,
+)
+from .errors import GradientError
+from .graph import Graph, Node
+from .tensors import from_proto, to_proto
+
+__all__ = [
+    "AsyncGradientClient",
+    "ForwardResult",
+    "Graph",
+    "GradientClient",
+    "GradientError",
+    "GradientResult",
+    "Node",
+    "OpAttr",
+    "OpInfo",
+    "from_proto",
+    "to_proto",
+]

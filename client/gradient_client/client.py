@@ -1,0 +1,318 @@
+"""GradientClient (blocking) and AsyncGradientClient (asyncio) for gradient.v1.GradientService."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import numpy as np
+
+from gradient.v1 import gradient_service_pb2 as service_pb2
+from gradient.v1 import gradient_service_pb2_grpc as service_grpc
+
+from .errors import GradientError
+from .graph import Graph, Node
+from .tensors import from_proto, to_proto
+
+__all__ = [
+    "AsyncGradientClient",
+    "DEFAULT_MAX_MESSAGE_MB",
+    "ForwardResult",
+    "GradientClient",
+    "GradientResult",
+    "OpAttr",
+    "OpInfo",
+]
+
+DEFAULT_MAX_MESSAGE_MB = 256
+"""The client's message size limit, matching the server's default."""
+
+GraphLike = Graph | Any  # a Graph builder or a gradient.v1.Graph message
+NodeLike = Node | str
+
+
+@dataclass(frozen=True)
+class ForwardResult:
+    """Values of a Forward call: numpy arrays keyed by node name."""
+
+    values: dict[str, np.ndarray]
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.values[name]
+
+
+@dataclass(frozen=True)
+class GradientResult:
+    """Values and gradients of a Gradient call, numpy arrays keyed by node name.
+
+    `skipped` maps each requested node that has no gradient (int or bool) to the reason.
+    """
+
+    values: dict[str, np.ndarray]
+    gradients: dict[str, np.ndarray]
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OpAttr:
+    """An attribute of an op, as ListOps describes it."""
+
+    name: str
+    type: str
+    required: bool
+    default: Any
+    doc: str
+
+
+@dataclass(frozen=True)
+class OpInfo:
+    """An op the server knows: its operands (and which are differentiable) and attributes."""
+
+    name: str
+    doc: str
+    inputs: tuple[str, ...]
+    differentiable: tuple[bool, ...]
+    variadic: bool
+    attrs: tuple[OpAttr, ...]
+
+
+def _graph_message(graph: GraphLike) -> Any:
+    return graph.to_proto() if isinstance(graph, Graph) else graph
+
+
+def _name(node: NodeLike) -> str:
+    return node.name if isinstance(node, Node) else node
+
+
+def _names(nodes: Iterable[NodeLike] | None) -> list[str]:
+    return [_name(n) for n in nodes] if nodes is not None else []
+
+
+def _feeds(graph: GraphLike, inputs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Encode input values; numbers and lists become arrays (cast to the input's declared dtype)."""
+    declared: dict[str, str] = {}
+    if isinstance(graph, Graph):
+        for message in graph.to_proto().nodes:
+            if message.op == "input" and "dtype" in message.attrs:
+                declared[message.name] = message.attrs["dtype"].s
+    feeds = {}
+    for name, value in (inputs or {}).items():
+        key = _name(name)
+        array = np.asarray(value, dtype=declared.get(key))
+        feeds[key] = to_proto(array)
+    return feeds
+
+
+def _decode_all(tensors: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    return {name: from_proto(t, writeable=True) for name, t in tensors.items()}
+
+
+def _forward_request(graph, inputs, fetch) -> service_pb2.ForwardRequest:
+    return service_pb2.ForwardRequest(
+        graph=_graph_message(graph), inputs=_feeds(graph, inputs), fetch=_names(fetch)
+    )
+
+
+def _gradient_request(graph, output, inputs, wrt, seed, fetch) -> service_pb2.GradientRequest:
+    request = service_pb2.GradientRequest(
+        graph=_graph_message(graph),
+        inputs=_feeds(graph, inputs),
+        output=_name(output),
+        wrt=_names(wrt),
+        fetch=_names(fetch),
+    )
+    if seed is not None:
+        request.seed.CopyFrom(to_proto(np.asarray(seed)))
+    return request
+
+
+def _forward_result(response: service_pb2.ForwardResponse) -> ForwardResult:
+    return ForwardResult(_decode_all(response.values))
+
+
+def _gradient_result(response: service_pb2.GradientResponse) -> GradientResult:
+    return GradientResult(
+        values=_decode_all(response.values),
+        gradients=_decode_all(response.gradients),
+        skipped={s.name: s.reason for s in response.skipped},
+    )
+
+
+def _op_infos(response: service_pb2.ListOpsResponse) -> list[OpInfo]:
+    def default(attr) -> Any:
+        if not attr.HasField("default"):
+            return None
+        field_name = attr.default.WhichOneof("value")
+        value = getattr(attr.default, field_name)
+        return list(value.values) if field_name in ("ints", "floats") else value
+
+    return [
+        OpInfo(
+            name=op.name,
+            doc=op.doc,
+            inputs=tuple(i.name for i in op.inputs),
+            differentiable=tuple(i.differentiable for i in op.inputs),
+            variadic=op.variadic,
+            attrs=tuple(OpAttr(a.name, a.type, a.required, default(a), a.doc) for a in op.attrs),
+        )
+        for op in response.ops
+    ]
+
+
+def _channel_options(max_message_mb: int) -> list[tuple[str, int]]:
+    size = max_message_mb * 1024 * 1024
+    return [
+        ("grpc.max_receive_message_length", size),
+        ("grpc.max_send_message_length", size),
+    ]
+
+
+class GradientClient:
+    """A blocking client. Use it as a context manager, or call close().
+
+    >>> with GradientClient("localhost:50051") as client:
+    ...     result = client.gradient(g, output=f, inputs={"x": -2.0, "y": 5.0, "z": -4.0})
+
+    Every failure raises GradientError carrying the gRPC status code and the server's message.
+    `timeout` (seconds) is the default deadline of each call.
+    """
+
+    def __init__(
+        self,
+        target: str = "localhost:50051",
+        *,
+        timeout: float | None = None,
+        max_message_mb: int = DEFAULT_MAX_MESSAGE_MB,
+        credentials: grpc.ChannelCredentials | None = None,
+    ):
+        options = _channel_options(max_message_mb)
+        self._channel = (
+            grpc.secure_channel(target, credentials, options)
+            if credentials
+            else grpc.insecure_channel(target, options)
+        )
+        self._stub = service_grpc.GradientServiceStub(self._channel)
+        self.timeout = timeout
+
+    def __enter__(self) -> GradientClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the channel."""
+        self._channel.close()
+
+    def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
+        try:
+            return method(request, timeout=timeout if timeout is not None else self.timeout)
+        except grpc.RpcError as error:
+            raise GradientError.from_rpc_error(error) from None
+
+    def forward(
+        self,
+        graph: GraphLike,
+        inputs: Mapping[str, Any] | None = None,
+        fetch: Sequence[NodeLike] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> ForwardResult:
+        """Values of the `fetch` nodes (every node by default) given the input values."""
+        request = _forward_request(graph, inputs, fetch)
+        return _forward_result(self._call(self._stub.Forward, request, timeout))
+
+    def gradient(
+        self,
+        graph: GraphLike,
+        output: NodeLike,
+        inputs: Mapping[str, Any] | None = None,
+        wrt: Sequence[NodeLike] | None = None,
+        seed: Any = None,
+        *,
+        fetch: Sequence[NodeLike] | None = None,
+        timeout: float | None = None,
+    ) -> GradientResult:
+        """Values and gradients of `output` with respect to `wrt` (every node by default).
+
+        A scalar output's seed defaults to 1; a non-scalar output needs `seed`, an array of
+        its shape (the result is then the vector-Jacobian product).
+        """
+        request = _gradient_request(graph, output, inputs, wrt, seed, fetch)
+        return _gradient_result(self._call(self._stub.Gradient, request, timeout))
+
+    def list_ops(self, *, timeout: float | None = None) -> list[OpInfo]:
+        """Every op the server knows."""
+        response = self._call(self._stub.ListOps, service_pb2.ListOpsRequest(), timeout)
+        return _op_infos(response)
+
+
+class AsyncGradientClient:
+    """The asyncio twin of GradientClient (same methods, awaitable); use `async with`."""
+
+    def __init__(
+        self,
+        target: str = "localhost:50051",
+        *,
+        timeout: float | None = None,
+        max_message_mb: int = DEFAULT_MAX_MESSAGE_MB,
+        credentials: grpc.ChannelCredentials | None = None,
+    ):
+        options = _channel_options(max_message_mb)
+        self._channel = (
+            grpc.aio.secure_channel(target, credentials, options)
+            if credentials
+            else grpc.aio.insecure_channel(target, options)
+        )
+        self._stub = service_grpc.GradientServiceStub(self._channel)
+        self.timeout = timeout
+
+    async def __aenter__(self) -> AsyncGradientClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the channel."""
+        await self._channel.close()
+
+    async def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
+        try:
+            return await method(request, timeout=timeout if timeout is not None else self.timeout)
+        except grpc.RpcError as error:
+            raise GradientError.from_rpc_error(error) from None
+
+    async def forward(
+        self,
+        graph: GraphLike,
+        inputs: Mapping[str, Any] | None = None,
+        fetch: Sequence[NodeLike] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> ForwardResult:
+        """See GradientClient.forward."""
+        request = _forward_request(graph, inputs, fetch)
+        return _forward_result(await self._call(self._stub.Forward, request, timeout))
+
+    async def gradient(
+        self,
+        graph: GraphLike,
+        output: NodeLike,
+        inputs: Mapping[str, Any] | None = None,
+        wrt: Sequence[NodeLike] | None = None,
+        seed: Any = None,
+        *,
+        fetch: Sequence[NodeLike] | None = None,
+        timeout: float | None = None,
+    ) -> GradientResult:
+        """See GradientClient.gradient."""
+        request = _gradient_request(graph, output, inputs, wrt, seed, fetch)
+        return _gradient_result(await self._call(self._stub.Gradient, request, timeout))
+
+    async def list_ops(self, *, timeout: float | None = None) -> list[OpInfo]:
+        """See GradientClient.list_ops."""
+        response = await self._call(self._stub.ListOps, service_pb2.ListOpsRequest(), timeout)
+        return _op_infos(response)

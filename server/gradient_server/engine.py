@@ -1,0 +1,242 @@
+"""The engine: compiles graphs (validate, type, differentiate, plan), caches and runs them."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+import numpy as np
+
+from gradient.v1 import graph_pb2
+
+from .autodiff import gradient_graph
+from .errors import GraphError, LimitExceeded
+from .executor import Plan
+from .ir import Graph, decode_graph, graph_digest, infer_types
+from .tensor_type import TensorType
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+def _never() -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request limits; exceeding one is RESOURCE_EXHAUSTED."""
+
+    max_nodes: int = 1_000_000
+    """Nodes in a request's graph."""
+    max_tensor_elements: int = 1 << 28
+    """Elements of any one tensor, fed or computed."""
+    max_bytes: int = 8 << 30
+    """Estimated bytes of all the values a request computes (as if none were freed)."""
+
+
+class _LRU(Generic[K, V]):
+    """A small thread-safe least-recently-used cache."""
+
+    def __init__(self, size: int):
+        self._size = size
+        self._items: OrderedDict[K, V] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get_or_make(self, key: K, make: Callable[[], V]) -> V:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        value = make()
+        with self._lock:
+            self._items[key] = value
+            if len(self._items) > self._size:
+                self._items.popitem(last=False)
+        return value
+
+
+@dataclass(frozen=True)
+class GradientResult:
+    """Values and gradients of a Gradient call, keyed by node name."""
+
+    values: dict[str, np.ndarray]
+    gradients: dict[str, np.ndarray]
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _GradientPlan:
+    plan: Plan
+    gradients: dict[str, str]
+    skipped: dict[str, str]
+    seed: str
+    seed_type: TensorType
+
+
+def _names(graph: Graph, names: Sequence[str], what: str) -> list[str]:
+    """Validate requested node names; empty means every node of the graph."""
+    for name in names:
+        if name not in graph:
+            raise GraphError(f"{what} names {name!r}, which is not a node of the graph")
+    return list(dict.fromkeys(names)) if names else list(graph.nodes)
+
+
+class Engine:
+    """Compiles and runs graphs. Everything that depends only on the graph and the feeds'
+    types is cached, so a repeated graph with new input values skips straight to numpy."""
+
+    def __init__(self, limits: Limits | None = None, cache_size: int = 256):
+        self.limits = limits or Limits()
+        self._graphs: _LRU[str, Graph] = _LRU(cache_size)
+        self._plans: _LRU[Hashable, object] = _LRU(cache_size)
+
+    # -- graphs ---------------------------------------------------------------------------
+
+    def load_graph(self, message: graph_pb2.Graph) -> Graph:
+        """Decode and validate a Graph message, cached by its content."""
+        if len(message.nodes) > self.limits.max_nodes:
+            raise LimitExceeded(
+                f"graph has {len(message.nodes)} nodes; the limit (max_nodes) is "
+                f"{self.limits.max_nodes}"
+            )
+        return self._graphs.get_or_make(graph_digest(message), lambda: decode_graph(message))
+
+    def _feed_types(self, graph: Graph, feeds: Mapping[str, np.ndarray]) -> dict[str, TensorType]:
+        types = {}
+        for name, value in feeds.items():
+            node = graph.nodes.get(name)
+            if node is None or node.op != "input":
+                what = "no node" if node is None else f"a {node.op} node, not an input"
+                raise GraphError(f"a tensor was fed for {name!r}, but the graph has {what} there")
+            types[name] = self._checked_type(f"input {name!r}", value)
+        return types
+
+    def _checked_type(self, what: str, value: np.ndarray) -> TensorType:
+        if value.size > self.limits.max_tensor_elements:
+            raise LimitExceeded(
+                f"{what} has {value.size} elements; the limit (max_tensor_elements) is "
+                f"{self.limits.max_tensor_elements}"
+            )
+        return TensorType(value.dtype, value.shape)
+
+    def _check_plan(self, plan: Plan, types: Mapping[str, TensorType]) -> Plan:
+        largest = max((types[s.node.name] for s in plan.steps), key=lambda t: t.size, default=None)
+        if largest is not None and largest.size > self.limits.max_tensor_elements:
+            name = next(s.node.name for s in plan.steps if types[s.node.name] is largest)
+            raise LimitExceeded(
+                f"node {name!r} would hold {largest.size} elements; the limit "
+                f"(max_tensor_elements) is {self.limits.max_tensor_elements}"
+            )
+        if plan.estimated_bytes > self.limits.max_bytes:
+            raise LimitExceeded(
+                f"the request would compute about {plan.estimated_bytes} bytes; the limit "
+                f"(max_bytes) is {self.limits.max_bytes}"
+            )
+        return plan
+
+    @staticmethod
+    def _signature(feed_types: Mapping[str, TensorType]) -> tuple:
+        return tuple(sorted((n, t.dtype.str, t.shape) for n, t in feed_types.items()))
+
+    # -- Forward --------------------------------------------------------------------------
+
+    def forward(
+        self,
+        graph: Graph,
+        feeds: Mapping[str, np.ndarray],
+        fetch: Sequence[str] = (),
+        check_deadline: Callable[[], None] = _never,
+    ) -> dict[str, np.ndarray]:
+        """The values of the `fetch` nodes (every node when empty)."""
+        fetch_names = _names(graph, fetch, "fetch")
+        feed_types = self._feed_types(graph, feeds)
+        key = ("forward", graph.digest, self._signature(feed_types), tuple(fetch_names))
+
+        def compile_plan() -> Plan:
+            types = infer_types(graph, feed_types, graph.ancestors(fetch_names))
+            return self._check_plan(Plan(graph, types, set(fetch_names)), types)
+
+        plan = self._plans.get_or_make(key, compile_plan)
+        assert isinstance(plan, Plan)
+        return plan.run(feeds, check_deadline)
+
+    # -- Gradient -------------------------------------------------------------------------
+
+    def gradient(
+        self,
+        graph: Graph,
+        feeds: Mapping[str, np.ndarray],
+        output: str,
+        seed: np.ndarray | None = None,
+        wrt: Sequence[str] = (),
+        fetch: Sequence[str] = (),
+        check_deadline: Callable[[], None] = _never,
+    ) -> GradientResult:
+        """Values of `fetch` and gradients of `output` with respect to `wrt` (all when empty)."""
+        if not output:
+            raise GraphError("no output was named: say which node to differentiate")
+        _names(graph, [output], "output")
+        wrt_names = _names(graph, wrt, "wrt")
+        fetch_names = _names(graph, fetch, "fetch")
+        feed_types = self._feed_types(graph, feeds)
+        key = (
+            "gradient",
+            graph.digest,
+            self._signature(feed_types),
+            output,
+            tuple(wrt_names),
+            tuple(fetch_names),
+        )
+
+        def compile_plan() -> _GradientPlan:
+            needed = graph.ancestors([output, *wrt_names, *fetch_names])
+            types = infer_types(graph, feed_types, needed)
+            out_type = types[output]
+            if not out_type.is_float:
+                node = graph[output]
+                raise GraphError(
+                    f"output {node.describe()} is {out_type.dtype.name}, which is not "
+                    "differentiable; differentiate a float32 or float64 node"
+                )
+            combined = gradient_graph(graph, types, output, wrt_names)
+            fetch_all = {*fetch_names, *combined.gradients.values()}
+            plan = Plan(combined.graph, combined.types, fetch_all)
+            self._check_plan(plan, combined.types)
+            return _GradientPlan(
+                plan, combined.gradients, combined.skipped, combined.seed, out_type
+            )
+
+        compiled = self._plans.get_or_make(key, compile_plan)
+        assert isinstance(compiled, _GradientPlan)
+        seed_value = self._seed_value(graph, output, compiled.seed_type, seed)
+        values = compiled.plan.run({**feeds, compiled.seed: seed_value}, check_deadline)
+        return GradientResult(
+            values={name: values[name] for name in fetch_names},
+            gradients={name: values[grad] for name, grad in compiled.gradients.items()},
+            skipped=dict(compiled.skipped),
+        )
+
+    @staticmethod
+    def _seed_value(
+        graph: Graph, output: str, out_type: TensorType, seed: np.ndarray | None
+    ) -> np.ndarray:
+        node = graph[output]
+        if seed is None:
+            if out_type.size != 1:
+                raise GraphError(
+                    f"output {node.describe()} has shape {list(out_type.shape)}: a non-scalar "
+                    "output needs a seed of its shape (the vector of a vector-Jacobian product)"
+                )
+            return np.ones(out_type.shape, out_type.dtype)
+        if seed.shape != out_type.shape:
+            raise GraphError(
+                f"seed has shape {list(seed.shape)} but output {node.describe()} has shape "
+                f"{list(out_type.shape)}"
+            )
+        if seed.dtype.kind != "f":
+            raise GraphError(f"seed must be a float tensor, got {seed.dtype.name}")
+        return seed.astype(out_type.dtype, copy=False)

@@ -1,0 +1,274 @@
+"""The graph IR: decoding and validating a gradient.v1.Graph, ordering it, and typing it."""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+
+from gradient.v1 import graph_pb2
+from gradient_client.tensors import TensorFormatError, dtype_from_name, from_proto
+
+from .errors import GraphError
+from .ops import OPS, AttrSpec, OpDef, ShapeError
+from .ops.base import REQUIRED
+from .tensor_type import TensorType
+
+
+@dataclass(frozen=True)
+class Node:
+    """One node: its name, op, operand names and decoded attributes (every declared one)."""
+
+    name: str
+    op: str
+    inputs: tuple[str, ...]
+    attrs: Mapping[str, Any]
+
+    @property
+    def opdef(self) -> OpDef:
+        return OPS[self.op]
+
+    def describe(self) -> str:
+        """How error messages name the node."""
+        return f"node {self.name!r} (op {self.op})"
+
+
+class Graph:
+    """A validated graph whose nodes are in a topological order.
+
+    The order is canonical (it does not depend on the order of the nodes in the message), so
+    a graph gives bit-identical results however its message lists the nodes.
+    """
+
+    def __init__(self, nodes: Iterable[Node]):
+        self.nodes: dict[str, Node] = {node.name: node for node in nodes}
+        self.digest = ""
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def __getitem__(self, name: str) -> Node:
+        return self.nodes[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.nodes
+
+    def ancestors(self, roots: Iterable[str]) -> set[str]:
+        """The roots and every node they depend on."""
+        seen = set(roots)
+        stack = list(seen)
+        while stack:
+            for source in self.nodes[stack.pop()].inputs:
+                if source not in seen:
+                    seen.add(source)
+                    stack.append(source)
+        return seen
+
+    def consumers(self) -> dict[str, list[str]]:
+        """For each node, the nodes that use it (once per use)."""
+        users: dict[str, list[str]] = {name: [] for name in self.nodes}
+        for node in self.nodes.values():
+            for source in node.inputs:
+                users[source].append(node.name)
+        return users
+
+
+def node_error(node: Node, message: str, types: Iterable[TensorType] = ()) -> GraphError:
+    """A GraphError naming the node, its op and (when given) its operand types."""
+    operands = ", ".join(str(t) for t in types)
+    suffix = f" (operands: {operands})" if operands else ""
+    return GraphError(f"{node.describe()}: {message}{suffix}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding
+
+
+def graph_digest(message: graph_pb2.Graph) -> str:
+    """A content hash of a graph message, the key of the compiled-graph caches."""
+    return hashlib.sha256(message.SerializeToString(deterministic=True)).hexdigest()
+
+
+def _decode_attr(node_name: str, op: str, spec: AttrSpec, value: graph_pb2.AttrValue) -> Any:
+    field = value.WhichOneof("value")
+    kind = spec.kind
+    where = f"node {node_name!r} (op {op}): attribute {spec.name!r}"
+    if kind == "int" and field == "i":
+        return int(value.i)
+    if kind == "float" and field in ("f", "i"):
+        return float(getattr(value, field))
+    if kind == "string" and field == "s":
+        return value.s
+    if kind == "bool" and field == "b":
+        return bool(value.b)
+    if kind in ("ints", "axes") and field in ("ints", "i"):
+        return tuple(int(v) for v in value.ints.values) if field == "ints" else (int(value.i),)
+    if kind == "floats" and field in ("floats", "f"):
+        return tuple(value.floats.values) if field == "floats" else (value.f,)
+    if kind == "tensor" and field == "tensor":
+        try:
+            return from_proto(value.tensor)
+        except TensorFormatError as e:
+            raise GraphError(f"{where}: {e}") from None
+    if kind == "dtype" and field == "s":
+        try:
+            return dtype_from_name(value.s)
+        except TensorFormatError as e:
+            raise GraphError(f"{where}: {e}") from None
+    expected = {"axes": "an int or ints", "dtype": "a dtype name in s"}.get(kind, kind)
+    raise GraphError(f"{where} must be {expected}, got {field or 'nothing'}")
+
+
+def make_node(name: str, op: str, inputs: Iterable[str], attrs: Mapping[str, Any]) -> Node:
+    """A node built in the server (by a gradient rule), its attributes given as Python values.
+
+    Values are brought to the same forms as decoded attributes; omitted ones take defaults.
+    """
+    opdef = OPS[op]
+    full: dict[str, Any] = {}
+    for spec in opdef.attrs:
+        value = attrs.get(spec.name, spec.default)
+        assert value is not REQUIRED, f"{op} needs attribute {spec.name}"
+        full[spec.name] = None if value is None else _canonical(spec.kind, value)
+    assert set(attrs) <= set(full), f"{op} has no attributes {set(attrs) - set(full)}"
+    return Node(name, op, tuple(inputs), MappingProxyType(full))
+
+
+def _canonical(kind: str, value: Any) -> Any:
+    if kind in ("ints", "axes"):
+        return tuple(int(v) for v in (value if isinstance(value, Iterable) else [value]))
+    if kind == "floats":
+        return tuple(float(v) for v in value)
+    if kind == "dtype":
+        return dtype_from_name(value) if isinstance(value, str) else np.dtype(value)
+    if kind == "tensor":
+        return np.asarray(value)
+    return {"int": int, "float": float, "string": str, "bool": bool}[kind](value)
+
+
+def _decode_node(message: graph_pb2.Node) -> Node:
+    name, op = message.name, message.op
+    if not name:
+        raise GraphError(f"a node (op {op or '?'}) has an empty name")
+    opdef = OPS.get(op)
+    if opdef is None:
+        raise GraphError(f"node {name!r}: unknown op {op!r} (ListOps lists the known ops)")
+    count = len(message.inputs)
+    arity = len(opdef.inputs)
+    if (count < arity) if opdef.variadic else (count != arity):
+        wanted = f"at least {arity}" if opdef.variadic else str(arity)
+        raise GraphError(
+            f"node {name!r} (op {op}): takes {wanted} inputs "
+            f"({', '.join(opdef.inputs) or 'none'}), got {count}"
+        )
+    attrs: dict[str, Any] = {}
+    for key in message.attrs:
+        if opdef.attr_spec(key) is None:
+            known = ", ".join(a.name for a in opdef.attrs) or "none"
+            raise GraphError(f"node {name!r} (op {op}): unknown attribute {key!r} (known: {known})")
+    for spec in opdef.attrs:
+        if spec.name in message.attrs:
+            attrs[spec.name] = _decode_attr(name, op, spec, message.attrs[spec.name])
+        elif spec.default is REQUIRED:
+            raise GraphError(f"node {name!r} (op {op}): missing attribute {spec.name!r}")
+        else:
+            attrs[spec.name] = spec.default
+    return Node(name, op, tuple(message.inputs), MappingProxyType(attrs))
+
+
+def decode_graph(message: graph_pb2.Graph) -> Graph:
+    """Decode and validate a Graph message: names, ops, arity, attributes, references, cycles."""
+    nodes: dict[str, Node] = {}
+    for node_message in message.nodes:
+        node = _decode_node(node_message)
+        if node.name in nodes:
+            raise GraphError(f"node {node.name!r}: duplicate node name")
+        nodes[node.name] = node
+    for node in nodes.values():
+        for source in node.inputs:
+            if source not in nodes:
+                raise node_error(node, f"input {source!r} is not a node of the graph")
+    graph = Graph(topological_order(nodes))
+    graph.digest = graph_digest(message)
+    return graph
+
+
+def topological_order(nodes: Mapping[str, Node]) -> list[Node]:
+    """Kahn's algorithm, iterative, taking ready nodes by name so the order is canonical."""
+    pending = {name: len(set(node.inputs)) for name, node in nodes.items()}
+    users: dict[str, list[str]] = {name: [] for name in nodes}
+    for node in nodes.values():
+        for source in set(node.inputs):
+            users[source].append(node.name)
+    ready = [name for name, count in pending.items() if count == 0]
+    heapq.heapify(ready)
+    order: list[Node] = []
+    while ready:
+        name = heapq.heappop(ready)
+        order.append(nodes[name])
+        for user in users[name]:
+            pending[user] -= 1
+            if pending[user] == 0:
+                heapq.heappush(ready, user)
+    if len(order) < len(nodes):
+        raise GraphError(_describe_cycle(nodes, {n for n, c in pending.items() if c > 0}))
+    return order
+
+
+def _describe_cycle(nodes: Mapping[str, Node], stuck: set[str]) -> str:
+    # Every stuck node has a stuck input, so walking inputs from any of them must revisit a
+    # node; the walk from that node back to itself is a cycle.
+    path: list[str] = []
+    position: dict[str, int] = {}
+    name = min(stuck)
+    while name not in position:
+        position[name] = len(path)
+        path.append(name)
+        name = next(s for s in nodes[name].inputs if s in stuck)
+    cycle = path[position[name] :]
+    loop = " <- ".join(repr(n) for n in [*cycle, cycle[0]])
+    return f"node {cycle[0]!r} (op {nodes[cycle[0]].op}) is on a cycle: {loop}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Typing
+
+
+def infer_node_type(node: Node, input_types: tuple[TensorType, ...]) -> TensorType:
+    """Apply the op's shape/dtype rule, turning its complaint into a GraphError naming the node."""
+    try:
+        return node.opdef.infer(node.attrs, *input_types)
+    except ShapeError as e:
+        raise node_error(node, str(e), input_types) from None
+
+
+def infer_types(
+    graph: Graph, feed_types: Mapping[str, TensorType], needed: set[str]
+) -> dict[str, TensorType]:
+    """The type of every needed node, in topological order; inputs are typed by their feeds."""
+    types: dict[str, TensorType] = {}
+    for name, node in graph.nodes.items():
+        if name not in needed:
+            continue
+        if node.op == "input":
+            types[name] = _input_type(node, feed_types)
+        else:
+            types[name] = infer_node_type(node, tuple(types[s] for s in node.inputs))
+    return types
+
+
+def _input_type(node: Node, feed_types: Mapping[str, TensorType]) -> TensorType:
+    feed = feed_types.get(node.name)
+    if feed is None:
+        raise node_error(node, "no tensor was fed for this input")
+    declared_dtype, declared_shape = node.attrs["dtype"], node.attrs["shape"]
+    if declared_dtype is not None and feed.dtype != declared_dtype:
+        raise node_error(node, f"declared {declared_dtype.name}, fed {feed.dtype.name}")
+    if declared_shape is not None and tuple(declared_shape) != feed.shape:
+        raise node_error(node, f"declared shape {list(declared_shape)}, fed {list(feed.shape)}")
+    return feed

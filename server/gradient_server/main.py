@@ -1,0 +1,105 @@
+"""The `gradient-server` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+
+from .engine import Limits
+from .service import DEFAULT_MAX_MESSAGE_MB, create_server
+
+log = logging.getLogger("gradient_server")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gradient-server",
+        description="Serve gradient.v1.GradientService (with gRPC health and reflection).",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all)")
+    parser.add_argument("--port", type=int, default=50051, help="port to bind (default 50051)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="server processes sharing the port through SO_REUSEPORT (default 1)",
+    )
+    parser.add_argument("--threads", type=int, default=8, help="request threads per process")
+    parser.add_argument(
+        "--max-message-mb",
+        type=int,
+        default=DEFAULT_MAX_MESSAGE_MB,
+        help=f"largest request or response in MiB (default {DEFAULT_MAX_MESSAGE_MB})",
+    )
+    defaults = Limits()
+    parser.add_argument("--max-nodes", type=int, default=defaults.max_nodes)
+    parser.add_argument("--max-tensor-elements", type=int, default=defaults.max_tensor_elements)
+    parser.add_argument(
+        "--max-bytes",
+        type=int,
+        default=defaults.max_bytes,
+        help="largest estimated memory of one request's values",
+    )
+    parser.add_argument(
+        "--grace", type=float, default=10.0, help="seconds in-flight calls get at shutdown"
+    )
+    parser.add_argument("--log-level", default="INFO")
+    return parser
+
+
+def serve(args: argparse.Namespace) -> None:
+    """Run one server process until SIGTERM or SIGINT, then stop gracefully."""
+    limits = Limits(args.max_nodes, args.max_tensor_elements, args.max_bytes)
+    try:
+        server, port = create_server(
+            f"{args.host}:{args.port}",
+            limits=limits,
+            threads=args.threads,
+            max_message_mb=args.max_message_mb,
+            reuse_port=args.workers > 1,
+        )
+    except OSError as e:
+        log.error("%s", e)
+        raise SystemExit(1) from None
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    server.start()
+    log.info("serving gradient.v1.GradientService on %s:%d (pid %d)", args.host, port, os.getpid())
+    stop.wait()
+    log.info("shutting down: health NOT_SERVING, in-flight calls get %.0f s", args.grace)
+    server.stop(args.grace)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of `gradient-server`."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    if args.workers <= 1:
+        serve(args)
+        return
+    # Fork the workers before any gRPC object exists in this process (gRPC is not fork-safe).
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=serve, args=(args,)) for _ in range(args.workers)]
+    for worker in workers:
+        worker.start()
+
+    def forward(signum: int, _frame: object) -> None:
+        for worker in workers:
+            if worker.pid is not None and worker.is_alive():
+                os.kill(worker.pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for worker in workers:
+        worker.join()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,240 @@
+"""Elementwise ops: arithmetic, transcendental functions, comparisons and selection.
+
+Binary ops broadcast as numpy does; their gradient rules return gradients of the broadcast
+shape and the engine sums them back to each operand's shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from ..tensor_type import TensorType, broadcast_shapes, float_dtype, promote
+from .base import Call, Emitter, GradCall, OpDef, Ref, ShapeError, register
+
+
+def _broadcast(*types: TensorType) -> tuple[int, ...]:
+    try:
+        return broadcast_shapes(*(t.shape for t in types))
+    except ValueError:
+        shapes = " and ".join(str(list(t.shape)) for t in types)
+        raise ShapeError(f"shapes {shapes} do not broadcast") from None
+
+
+def _cast(call: Call, arrays: tuple[np.ndarray, ...]) -> list[np.ndarray]:
+    """The operands in the dtype the node computes in (its output dtype)."""
+    return [a.astype(call.type.dtype, copy=False) for a in arrays]
+
+
+def _numeric(op: str, dtype: np.dtype) -> np.dtype:
+    if dtype.kind == "b":
+        raise ShapeError(f"{op} does not take bool operands; cast them first")
+    return dtype
+
+
+# ---------------------------------------------------------------------------------------------
+# Binary arithmetic
+
+
+def _binary(
+    name: str,
+    doc: str,
+    fn: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    grad: Callable[[Emitter, Ref, Ref, Ref, Ref], tuple[Ref | None, Ref | None]],
+    *,
+    floating: bool = False,
+) -> OpDef:
+    """Declare a broadcasting binary op. floating=True computes ints in float64 (div, pow)."""
+
+    def infer(attrs, a: TensorType, b: TensorType) -> TensorType:
+        dtype, weak = promote(a, b)
+        dtype = _numeric(name, dtype)
+        return TensorType(float_dtype(dtype) if floating else dtype, _broadcast(a, b), weak)
+
+    def forward(call: Call, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return fn(*_cast(call, (a, b)))
+
+    def backward(b: Emitter, call: GradCall, g: Ref):
+        x, y = call.inputs
+        return grad(b, x, y, call.out, g)
+
+    return register(OpDef(name, doc, ("x", "y"), infer, forward, backward))
+
+
+_binary("add", "x + y, broadcasting.", np.add, lambda b, x, y, out, g: (g, g))
+_binary("sub", "x - y, broadcasting.", np.subtract, lambda b, x, y, out, g: (g, b.neg(g)))
+_binary(
+    "mul", "x * y, broadcasting.", np.multiply, lambda b, x, y, out, g: (b.mul(g, y), b.mul(g, x))
+)
+_binary(
+    "div",
+    "x / y (true division; integers divide in float64), broadcasting.",
+    np.true_divide,
+    lambda b, x, y, out, g: (b.div(g, y), b.neg(b.div(b.mul(g, out), y))),
+    floating=True,
+)
+
+
+def _pow_grad(b: Emitter, x: Ref, y: Ref, out: Ref, g: Ref):
+    # d/dx x^y = y x^(y-1), taken as 0 where y == 0 (so 0^0 has gradient 0, not nan).
+    # d/dy x^y = x^y log x, taken as 0 where x == 0 (the limit for y > 0), as JAX does.
+    dx = b.where(b.equal(y, 0), 0, b.mul(y, b.pow(x, b.sub(y, 1))))
+    dy = b.mul(out, b.log(b.where(b.equal(x, 0), 1, x)))
+    return b.mul(g, dx), b.mul(g, dy)
+
+
+_binary("pow", "x ** y in floating point, broadcasting.", np.power, _pow_grad, floating=True)
+
+
+def _tie_weight(b: Emitter, wins: Ref, x: Ref, y: Ref) -> Ref:
+    """1 where x wins, 1/2 where x and y tie, 0 where y wins: ties split the gradient evenly."""
+    return b.where(wins, 1, b.where(b.equal(x, y), 0.5, 0))
+
+
+def _extremum_grad(winner: str):
+    def grad(b: Emitter, x: Ref, y: Ref, out: Ref, g: Ref):
+        weight = _tie_weight(b, b.op(winner, x, y), x, y)
+        return b.mul(g, weight), b.mul(g, b.sub(1, weight))
+
+    return grad
+
+
+_binary(
+    "maximum",
+    "Elementwise larger of x and y; a tie splits the gradient evenly.",
+    np.maximum,
+    _extremum_grad("greater"),
+)
+_binary(
+    "minimum",
+    "Elementwise smaller of x and y; a tie splits the gradient evenly.",
+    np.minimum,
+    _extremum_grad("less"),
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Unary ops
+
+
+def _unary(
+    name: str,
+    doc: str,
+    fn: Callable[[np.ndarray], np.ndarray],
+    grad: Callable[[Emitter, Ref, Ref, Ref], Ref | None],
+    *,
+    floating: bool = True,
+) -> OpDef:
+    """Declare an elementwise unary op.
+
+    floating=True: computes in float (ints and bools in float64); otherwise keeps the dtype.
+    grad(b, x, out, g) returns the gradient with respect to x.
+    """
+
+    def infer(attrs, x: TensorType) -> TensorType:
+        dtype = float_dtype(x.dtype) if floating else _numeric(name, x.dtype)
+        return TensorType(dtype, x.shape, x.weak)
+
+    def forward(call: Call, x: np.ndarray) -> np.ndarray:
+        return fn(*_cast(call, (x,)))
+
+    def backward(b: Emitter, call: GradCall, g: Ref):
+        return (grad(b, call.inputs[0], call.out, g),)
+
+    return register(OpDef(name, doc, ("x",), infer, forward, backward))
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    # exp(-softplus(-x)): no overflow for any x, full relative precision in both tails.
+    return np.exp(-np.logaddexp(0, -x))
+
+
+def _relu(x: np.ndarray) -> np.ndarray:
+    return np.maximum(x, 0)
+
+
+_unary("neg", "-x.", np.negative, lambda b, x, out, g: b.neg(g), floating=False)
+_unary("exp", "e ** x.", np.exp, lambda b, x, out, g: b.mul(g, out))
+_unary("log", "Natural logarithm.", np.log, lambda b, x, out, g: b.div(g, x))
+_unary("sqrt", "Square root.", np.sqrt, lambda b, x, out, g: b.div(b.mul(g, 0.5), out))
+_unary("square", "x * x.", np.square, lambda b, x, out, g: b.mul(g, b.mul(2, x)), floating=False)
+_unary(
+    "abs",
+    "Absolute value; its gradient at 0 is 0.",
+    np.abs,
+    lambda b, x, out, g: b.mul(g, b.sign(x)),
+    floating=False,
+)
+_unary(
+    "sign",
+    "-1, 0 or 1 by the sign of x; its gradient is 0.",
+    np.sign,
+    lambda b, x, out, g: None,
+    floating=False,
+)
+_unary(
+    "tanh", "Hyperbolic tangent.", np.tanh, lambda b, x, out, g: b.mul(g, b.sub(1, b.square(out)))
+)
+_unary(
+    "sigmoid",
+    "1 / (1 + e ** -x), computed without overflow.",
+    _sigmoid,
+    lambda b, x, out, g: b.mul(g, b.mul(out, b.sub(1, out))),
+)
+# relu'(0) = 0 (as in PyTorch and JAX): the gradient passes only where x > 0 strictly.
+_unary(
+    "relu",
+    "max(x, 0); its gradient at 0 is 0.",
+    _relu,
+    lambda b, x, out, g: b.where(b.greater(x, 0), g, 0),
+    floating=False,
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Comparisons and selection
+
+
+def _comparison(name: str, doc: str, fn: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> OpDef:
+    def infer(attrs, a: TensorType, b: TensorType) -> TensorType:
+        return TensorType(np.dtype(bool), _broadcast(a, b), False)
+
+    def forward(call: Call, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        dtype, _ = promote(*call.input_types)
+        return fn(a.astype(dtype, copy=False), b.astype(dtype, copy=False))
+
+    return register(OpDef(name, doc, ("x", "y"), infer, forward))
+
+
+_comparison("equal", "x == y (bool), broadcasting.", np.equal)
+_comparison("not_equal", "x != y (bool), broadcasting.", np.not_equal)
+_comparison("greater", "x > y (bool), broadcasting.", np.greater)
+_comparison("greater_equal", "x >= y (bool), broadcasting.", np.greater_equal)
+_comparison("less", "x < y (bool), broadcasting.", np.less)
+_comparison("less_equal", "x <= y (bool), broadcasting.", np.less_equal)
+
+
+def _where_infer(attrs, cond: TensorType, a: TensorType, b: TensorType) -> TensorType:
+    if cond.dtype.kind != "b":
+        raise ShapeError(f"condition must be bool, got {cond.dtype.name}")
+    dtype, weak = promote(a, b)
+    return TensorType(dtype, _broadcast(cond, a, b), weak)
+
+
+def _where_forward(call: Call, cond: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = _cast(call, (a, b))
+    return np.where(cond, a, b)
+
+
+register(
+    OpDef(
+        "where",
+        "Elementwise choice: x where cond is true, y elsewhere, broadcasting.",
+        ("cond", "x", "y"),
+        _where_infer,
+        _where_forward,
+        lambda b, call, g: (None, b.where(call.inputs[0], g, 0), b.where(call.inputs[0], 0, g)),
+        differentiable=(False, True, True),
+    )
+)
