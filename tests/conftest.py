@@ -1,0 +1,24 @@
+"""Shared fixtures: one real server on a loopback port, and an SDK client connected to it."""
+
+from __future__ import annotations
+
+import pytest
+
+from gradient_client import GradientClient
+from gradient_server.service import create_server
+
+
+@pytest.fixture(scope="session")
+def server_address():
+    """Address of a server started for the test session (bound to a free port)."""
+    server, port = create_server("127.0.0.1:0")
+    server.start()
+    yield f"127.0.0.1:{port}"
+    server.stop(0)
+
+
+@pytest.fixture(scope="session")
+def client(server_address):
+    """A GradientClient on the session's server."""
+    with GradientClient(server_address, timeout=60) as connected:
+        yield connected
