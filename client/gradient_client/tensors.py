@@ -50,9 +50,10 @@ def dtype_from_name(name: str) -> np.dtype:
         raise TensorFormatError(f"unknown dtype {name!r} (known: {known})") from None
 
 
-def to_proto(value: Any) -> tensor_pb2.Tensor:
-    """Encode a numpy array (or anything np.asarray accepts) as a Tensor with raw bytes.
+def to_proto(value: Any, *, as_lists: bool = False) -> tensor_pb2.Tensor:
+    """Encode a numpy array (or anything np.asarray accepts) as a Tensor.
 
+    The payload is raw bytes, or with as_lists=True the plain list form (readable in JSON).
     Python floats become float64, ints int64 and bools bool, as in numpy.
     """
     array = np.asarray(value)
@@ -60,6 +61,10 @@ def to_proto(value: Any) -> tensor_pb2.Tensor:
     if wire is None:
         known = ", ".join(DTYPE_NAMES)
         raise TensorFormatError(f"dtype {array.dtype} is not supported (supported: {known})")
+    if as_lists:
+        form = {"f": "float_values", "i": "int_values", "b": "bool_values"}[array.dtype.kind]
+        values = array.reshape(-1).tolist()
+        return tensor_pb2.Tensor(dtype=wire, shape=array.shape, **{form: values})
     little = array.astype(_NUMPY_DTYPE[wire], copy=False)
     return tensor_pb2.Tensor(dtype=wire, shape=array.shape, data=little.tobytes(order="C"))
 

@@ -45,8 +45,9 @@ def _decode_feeds(feeds: Any) -> dict[str, np.ndarray]:
     return decoded
 
 
-def _encode(values: dict[str, np.ndarray]) -> dict[str, Any]:
-    return {name: to_proto(value) for name, value in values.items()}
+def _encode(values: dict[str, np.ndarray], payload: int) -> dict[str, Any]:
+    as_lists = payload == service_pb2.PAYLOAD_FORM_LISTS
+    return {name: to_proto(value, as_lists=as_lists) for name, value in values.items()}
 
 
 class GradientServicer(service_grpc.GradientServiceServicer):
@@ -62,7 +63,7 @@ class GradientServicer(service_grpc.GradientServiceServicer):
             values = self.engine.forward(
                 graph, _decode_feeds(request.inputs), list(request.fetch), check
             )
-            return service_pb2.ForwardResponse(values=_encode(values))
+            return service_pb2.ForwardResponse(values=_encode(values, request.response_payload))
 
         return self._handle("Forward", context, work)
 
@@ -85,8 +86,8 @@ class GradientServicer(service_grpc.GradientServiceServicer):
                 check,
             )
             return service_pb2.GradientResponse(
-                values=_encode(result.values),
-                gradients=_encode(result.gradients),
+                values=_encode(result.values, request.response_payload),
+                gradients=_encode(result.gradients, request.response_payload),
                 skipped=[
                     service_pb2.SkippedNode(name=name, reason=reason)
                     for name, reason in result.skipped.items()

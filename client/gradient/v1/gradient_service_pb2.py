@@ -26,7 +26,7 @@ from gradient.v1 import graph_pb2 as gradient_dot_v1_dot_graph__pb2
 from gradient.v1 import tensor_pb2 as gradient_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"gradient/v1/gradient_service.proto\x12\x0bgradient.v1\x1a\x17gradient/v1/graph.proto\x1a\x18gradient/v1/tensor.proto\"\xbf\x01\n\x0e\x46orwardRequest\x12!\n\x05graph\x18\x01 \x01(\x0b\x32\x12.gradient.v1.Graph\x12\x37\n\x06inputs\x18\x02 \x03(\x0b\x32\'.gradient.v1.ForwardRequest.InputsEntry\x12\r\n\x05\x66\x65tch\x18\x03 \x03(\t\x1a\x42\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.gradient.v1.Tensor:\x02\x38\x01\"\x8f\x01\n\x0f\x46orwardResponse\x12\x38\n\x06values\x18\x01 \x03(\x0b\x32(.gradient.v1.ForwardResponse.ValuesEntry\x1a\x42\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.gradient.v1.Tensor:\x02\x38\x01\"\x81\x02\n\x0fGradientRequest\x12!\n\x05graph\x18\x01 \x01(\x0b\x32\x12.gradient.v1.Graph\x12\x38\n\x06inputs\x18\x02 \x03(\x0b\x32(.gradient.v1.GradientRequest.InputsEntry\x12\x0e\n\x06output\x18\x03 \x01(\t\x12!\n\x04seed\x18\x04 \x01(\x0b\x32\x13.gradient.v1.Tensor\x12\x0b\n\x03wrt\x18\x05 \x03(\t\x12\r\n\x05\x66\x65tch\x18\x06 \x03(\t\x1a\x42\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.gradient.v1.Tensor:\x02\x38\x01\"+\n\x0bSkippedNode\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xc4\x02\n\x10GradientResponse\x12\x39\n\x06values\x18\x01 \x03(\x0b\x32).gradient.v1.GradientResponse.ValuesEntry\x12?\n\tgradients\x18\x02 \x03(\x0b\x32,.gradient.v1.GradientResponse.GradientsEntry\x12)\n\x07skipped\x18\x03 \x03(\x0b\x32\x18.gradient.v1.SkippedNode\x1a\x42\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.gradient.v1.Tensor:\x02\x38\x01\x1a\x45\n\x0eGradientsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.gradient.v1.Tensor:\x02\x38\x01\"\x10\n\x0eListOpsRequest\"/\n\x07OpInput\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x64ifferentiable\x18\x02 \x01(\x08\"l\n\x06OpAttr\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x10\n\x08required\x18\x03 \x01(\x08\x12\'\n\x07\x64\x65\x66\x61ult\x18\x04 \x01(\x0b\x32\x16.gradient.v1.AttrValue\x12\x0b\n\x03\x64oc\x18\x05 \x01(\t\"\x7f\n\x06OpInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03\x64oc\x18\x02 \x01(\t\x12$\n\x06inputs\x18\x03 \x03(\x0b\x32\x14.gradient.v1.OpInput\x12\x10\n\x08variadic\x18\x04 \x01(\x08\x12\"\n\x05\x61ttrs\x18\x05 \x03(\x0b\x32\x13.gradient.v1.OpAttr\"3\n\x0fListOpsResponse\x12 \n\x03ops\x18\x01 \x03(\x0b\x32\x13.gradient.v1.OpInfo2\xe6\x01\n\x0fGradientService\x12\x44\n\x07\x46orward\x12\x1b.gradient.v1.ForwardRequest\x1a\x1c.gradient.v1.ForwardResponse\x12G\n\x08Gradient\x12\x1c.gradient.v1.GradientRequest\x1a\x1d.gradient.v1.GradientResponse\x12\x44\n\x07ListOps\x12\x1b.gradient.v1.ListOpsRequest\x1a\x1c.gradient.v1.ListOpsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"gradient/v1/gradient_service.proto\x12\x0bgradient.v1\x1a\x17gradient/v1/graph.proto\x1a\x18gradient/v1/tensor.proto\"\xf3\x01\n\x0e\x46orwardRequest\x12!\n\x05graph\x18\x01 \x01(\x0b\x32\x12.gradient.v1.Graph\x12\x37\n\x06inputs\x18\x02 \x03(\x0b\x32\'.gradient.v1.ForwardRequest.InputsEntry\x12\r\n\x05\x66\x65tch\x18\x03 \x03(\t\x12\x32\n\x10response_payload\x18\x04 \x01(\x0e\x32\x18.gradient.v1.PayloadForm\x1a\x42\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.gradient.v1.Tensor:\x02\x38\x01\"\x8f\x01\n\x0f\x46orwardResponse\x12\x38\n\x06values\x18\x01 \x03(\x0b\x32(.gradient.v1.ForwardResponse.ValuesEntry\x1a\x42\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.gradient.v1.Tensor:\x02\x38\x01\"\xb5\x02\n\x0fGradientRequest\x12!\n\x05graph\x18\x01 \x01(\x0b\x32\x12.gradient.v1.Graph\x12\x38\n\x06inputs\x18\x02 \x03(\x0b\x32(.gradient.v1.GradientRequest.InputsEntry\x12\x0e\n\x06output\x18\x03 \x01(\t\x12!\n\x04seed\x18\x04 \x01(\x0b\x32\x13.gradient.v1.Tensor\x12\x0b\n\x03wrt\x18\x05 \x03(\t\x12\r\n\x05\x66\x65tch\x18\x06 \x03(\t\x12\x32\n\x10response_payload\x18\x07 \x01(\x0e\x32\x18.gradient.v1.PayloadForm\x1a\x42\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.gradient.v1.Tensor:\x02\x38\x01\"+\n\x0bSkippedNode\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xc4\x02\n\x10GradientResponse\x12\x39\n\x06values\x18\x01 \x03(\x0b\x32).gradient.v1.GradientResponse.ValuesEntry\x12?\n\tgradients\x18\x02 \x03(\x0b\x32,.gradient.v1.GradientResponse.GradientsEntry\x12)\n\x07skipped\x18\x03 \x03(\x0b\x32\x18.gradient.v1.SkippedNode\x1a\x42\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.gradient.v1.Tensor:\x02\x38\x01\x1a\x45\n\x0eGradientsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.gradient.v1.Tensor:\x02\x38\x01\"\x10\n\x0eListOpsRequest\"/\n\x07OpInput\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x64ifferentiable\x18\x02 \x01(\x08\"l\n\x06OpAttr\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x10\n\x08required\x18\x03 \x01(\x08\x12\'\n\x07\x64\x65\x66\x61ult\x18\x04 \x01(\x0b\x32\x16.gradient.v1.AttrValue\x12\x0b\n\x03\x64oc\x18\x05 \x01(\t\"\x7f\n\x06OpInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03\x64oc\x18\x02 \x01(\t\x12$\n\x06inputs\x18\x03 \x03(\x0b\x32\x14.gradient.v1.OpInput\x12\x10\n\x08variadic\x18\x04 \x01(\x08\x12\"\n\x05\x61ttrs\x18\x05 \x03(\x0b\x32\x13.gradient.v1.OpAttr\"3\n\x0fListOpsResponse\x12 \n\x03ops\x18\x01 \x03(\x0b\x32\x13.gradient.v1.OpInfo*;\n\x0bPayloadForm\x12\x14\n\x10PAYLOAD_FORM_RAW\x10\x00\x12\x16\n\x12PAYLOAD_FORM_LISTS\x10\x01\x32\xe6\x01\n\x0fGradientService\x12\x44\n\x07\x46orward\x12\x1b.gradient.v1.ForwardRequest\x1a\x1c.gradient.v1.ForwardResponse\x12G\n\x08Gradient\x12\x1c.gradient.v1.GradientRequest\x1a\x1d.gradient.v1.GradientResponse\x12\x44\n\x07ListOps\x12\x1b.gradient.v1.ListOpsRequest\x1a\x1c.gradient.v1.ListOpsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,36 +43,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GRADIENTRESPONSE_VALUESENTRY']._serialized_options = b'8\001'
   _globals['_GRADIENTRESPONSE_GRADIENTSENTRY']._loaded_options = None
   _globals['_GRADIENTRESPONSE_GRADIENTSENTRY']._serialized_options = b'8\001'
+  _globals['_PAYLOADFORM']._serialized_start=1537
+  _globals['_PAYLOADFORM']._serialized_end=1596
   _globals['_FORWARDREQUEST']._serialized_start=103
-  _globals['_FORWARDREQUEST']._serialized_end=294
-  _globals['_FORWARDREQUEST_INPUTSENTRY']._serialized_start=228
-  _globals['_FORWARDREQUEST_INPUTSENTRY']._serialized_end=294
-  _globals['_FORWARDRESPONSE']._serialized_start=297
-  _globals['_FORWARDRESPONSE']._serialized_end=440
-  _globals['_FORWARDRESPONSE_VALUESENTRY']._serialized_start=374
-  _globals['_FORWARDRESPONSE_VALUESENTRY']._serialized_end=440
-  _globals['_GRADIENTREQUEST']._serialized_start=443
-  _globals['_GRADIENTREQUEST']._serialized_end=700
-  _globals['_GRADIENTREQUEST_INPUTSENTRY']._serialized_start=228
-  _globals['_GRADIENTREQUEST_INPUTSENTRY']._serialized_end=294
-  _globals['_SKIPPEDNODE']._serialized_start=702
-  _globals['_SKIPPEDNODE']._serialized_end=745
-  _globals['_GRADIENTRESPONSE']._serialized_start=748
-  _globals['_GRADIENTRESPONSE']._serialized_end=1072
-  _globals['_GRADIENTRESPONSE_VALUESENTRY']._serialized_start=374
-  _globals['_GRADIENTRESPONSE_VALUESENTRY']._serialized_end=440
-  _globals['_GRADIENTRESPONSE_GRADIENTSENTRY']._serialized_start=1003
-  _globals['_GRADIENTRESPONSE_GRADIENTSENTRY']._serialized_end=1072
-  _globals['_LISTOPSREQUEST']._serialized_start=1074
-  _globals['_LISTOPSREQUEST']._serialized_end=1090
-  _globals['_OPINPUT']._serialized_start=1092
-  _globals['_OPINPUT']._serialized_end=1139
-  _globals['_OPATTR']._serialized_start=1141
-  _globals['_OPATTR']._serialized_end=1249
-  _globals['_OPINFO']._serialized_start=1251
-  _globals['_OPINFO']._serialized_end=1378
-  _globals['_LISTOPSRESPONSE']._serialized_start=1380
-  _globals['_LISTOPSRESPONSE']._serialized_end=1431
-  _globals['_GRADIENTSERVICE']._serialized_start=1434
-  _globals['_GRADIENTSERVICE']._serialized_end=1664
+  _globals['_FORWARDREQUEST']._serialized_end=346
+  _globals['_FORWARDREQUEST_INPUTSENTRY']._serialized_start=280
+  _globals['_FORWARDREQUEST_INPUTSENTRY']._serialized_end=346
+  _globals['_FORWARDRESPONSE']._serialized_start=349
+  _globals['_FORWARDRESPONSE']._serialized_end=492
+  _globals['_FORWARDRESPONSE_VALUESENTRY']._serialized_start=426
+  _globals['_FORWARDRESPONSE_VALUESENTRY']._serialized_end=492
+  _globals['_GRADIENTREQUEST']._serialized_start=495
+  _globals['_GRADIENTREQUEST']._serialized_end=804
+  _globals['_GRADIENTREQUEST_INPUTSENTRY']._serialized_start=280
+  _globals['_GRADIENTREQUEST_INPUTSENTRY']._serialized_end=346
+  _globals['_SKIPPEDNODE']._serialized_start=806
+  _globals['_SKIPPEDNODE']._serialized_end=849
+  _globals['_GRADIENTRESPONSE']._serialized_start=852
+  _globals['_GRADIENTRESPONSE']._serialized_end=1176
+  _globals['_GRADIENTRESPONSE_VALUESENTRY']._serialized_start=426
+  _globals['_GRADIENTRESPONSE_VALUESENTRY']._serialized_end=492
+  _globals['_GRADIENTRESPONSE_GRADIENTSENTRY']._serialized_start=1107
+  _globals['_GRADIENTRESPONSE_GRADIENTSENTRY']._serialized_end=1176
+  _globals['_LISTOPSREQUEST']._serialized_start=1178
+  _globals['_LISTOPSREQUEST']._serialized_end=1194
+  _globals['_OPINPUT']._serialized_start=1196
+  _globals['_OPINPUT']._serialized_end=1243
+  _globals['_OPATTR']._serialized_start=1245
+  _globals['_OPATTR']._serialized_end=1353
+  _globals['_OPINFO']._serialized_start=1355
+  _globals['_OPINFO']._serialized_end=1482
+  _globals['_LISTOPSRESPONSE']._serialized_start=1484
+  _globals['_LISTOPSRESPONSE']._serialized_end=1535
+  _globals['_GRADIENTSERVICE']._serialized_start=1599
+  _globals['_GRADIENTSERVICE']._serialized_end=1829
 # @@protoc_insertion_point(module_scope)

@@ -1,6 +1,7 @@
 from gradient.v1 import graph_pb2 as _graph_pb2
 from gradient.v1 import tensor_pb2 as _tensor_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -8,8 +9,15 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class PayloadForm(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PAYLOAD_FORM_RAW: _ClassVar[PayloadForm]
+    PAYLOAD_FORM_LISTS: _ClassVar[PayloadForm]
+PAYLOAD_FORM_RAW: PayloadForm
+PAYLOAD_FORM_LISTS: PayloadForm
+
 class ForwardRequest(_message.Message):
-    __slots__ = ("graph", "inputs", "fetch")
+    __slots__ = ("graph", "inputs", "fetch", "response_payload")
     class InputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -20,10 +28,12 @@ class ForwardRequest(_message.Message):
     GRAPH_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     FETCH_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     graph: _graph_pb2.Graph
     inputs: _containers.MessageMap[str, _tensor_pb2.Tensor]
     fetch: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., inputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., fetch: _Optional[_Iterable[str]] = ...) -> None: ...
+    response_payload: PayloadForm
+    def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., inputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., fetch: _Optional[_Iterable[str]] = ..., response_payload: _Optional[_Union[PayloadForm, str]] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
     __slots__ = ("values",)
@@ -39,7 +49,7 @@ class ForwardResponse(_message.Message):
     def __init__(self, values: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ...) -> None: ...
 
 class GradientRequest(_message.Message):
-    __slots__ = ("graph", "inputs", "output", "seed", "wrt", "fetch")
+    __slots__ = ("graph", "inputs", "output", "seed", "wrt", "fetch", "response_payload")
     class InputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -53,13 +63,15 @@ class GradientRequest(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     WRT_FIELD_NUMBER: _ClassVar[int]
     FETCH_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     graph: _graph_pb2.Graph
     inputs: _containers.MessageMap[str, _tensor_pb2.Tensor]
     output: str
     seed: _tensor_pb2.Tensor
     wrt: _containers.RepeatedScalarFieldContainer[str]
     fetch: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., inputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., output: _Optional[str] = ..., seed: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., wrt: _Optional[_Iterable[str]] = ..., fetch: _Optional[_Iterable[str]] = ...) -> None: ...
+    response_payload: PayloadForm
+    def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., inputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., output: _Optional[str] = ..., seed: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., wrt: _Optional[_Iterable[str]] = ..., fetch: _Optional[_Iterable[str]] = ..., response_payload: _Optional[_Union[PayloadForm, str]] = ...) -> None: ...
 
 class SkippedNode(_message.Message):
     __slots__ = ("name", "reason")
