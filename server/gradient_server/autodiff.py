@@ -54,7 +54,7 @@ class _Builder:
         self._count += 1
         return f"{self.prefix}/{stem}_{self._count}"
 
-    def add(self, node: Node) -> Ref:
+    def emit(self, node: Node) -> Ref:
         try:
             node_type = infer_node_type(node, tuple(self.types[s] for s in node.inputs))
         except GraphError as e:
@@ -65,7 +65,7 @@ class _Builder:
 
     def op(self, op: str, *inputs: Ref | float, **attrs: Any) -> Ref:
         names = [self._operand(x).name for x in inputs]
-        return self.add(make_node(self.fresh_name(op), op, names, attrs))
+        return self.emit(make_node(self.fresh_name(op), op, names, attrs))
 
     def __getattr__(self, op: str):
         if op in OPS:
@@ -82,7 +82,7 @@ class _Builder:
             node = make_node(
                 self.fresh_name("const"), "constant", (), {"value": array, "weak": True}
             )
-            self._constants[key] = self.add(node)
+            self._constants[key] = self.emit(node)
         return self._constants[key]
 
 
@@ -150,7 +150,7 @@ def gradient_graph(
             result_names[name] = gradients[name].name
         else:
             zeros = {"shape": node_type.shape, "dtype": node_type.dtype}
-            result_names[name] = builder.add(
+            result_names[name] = builder.emit(
                 make_node(builder.fresh_name("zeros"), "zeros", (), zeros)
             ).name
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .ir import Graph, Node
-from .ops import Call
+from .ir import Graph, Node, node_error
+from .ops import Call, InvalidValue
 from .tensor_type import TensorType
 
 
@@ -60,7 +60,10 @@ class Plan:
                     value = feeds[node.name]
                 else:
                     args = [values[s] for s in node.inputs]
-                    value = np.asarray(node.opdef.forward(step.call, *args))
+                    try:
+                        value = np.asarray(node.opdef.forward(step.call, *args))
+                    except InvalidValue as e:
+                        raise node_error(node, str(e)) from None
                     _check_type(node, value, step.call.type)
                 values[node.name] = value
                 for name in step.release:

@@ -177,7 +177,7 @@ def _decode_node(message: graph_pb2.Node) -> Node:
         elif spec.default is REQUIRED:
             raise GraphError(f"node {name!r} (op {op}): missing attribute {spec.name!r}")
         else:
-            attrs[spec.name] = spec.default
+            attrs[spec.name] = None if spec.default is None else _canonical(spec.kind, spec.default)
     return Node(name, op, tuple(message.inputs), MappingProxyType(attrs))
 
 

@@ -30,9 +30,7 @@ def markdown_table() -> str:
     ]
     for name in sorted(OPS):
         op = OPS[name]
-        inputs = [
-            f"**{x}**" if op.is_differentiable(i) else x for i, x in enumerate(op.inputs)
-        ]
+        inputs = [f"**{x}**" if op.is_differentiable(i) else x for i, x in enumerate(op.inputs)]
         if op.variadic:
             inputs[-1] += ", ..."
         attrs = ", ".join(_attr(spec) for spec in op.attrs)

@@ -21,6 +21,10 @@ class ShapeError(ValueError):
     """An op's inputs or attributes do not fit its shape or dtype rule."""
 
 
+class InvalidValue(ValueError):
+    """An operand's values are invalid for the op (e.g. an index out of range)."""
+
+
 @dataclass(frozen=True)
 class AttrSpec:
     """One attribute of an op: its name, kind, default (or REQUIRED) and meaning."""

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ..tensor_type import TensorType, broadcast_shapes, float_dtype, promote
-from .base import Call, Emitter, GradCall, OpDef, Ref, ShapeError, register
+from .base import AttrSpec, Call, Emitter, GradCall, OpDef, Ref, ShapeError, register
 
 
 def _broadcast(*types: TensorType) -> tuple[int, ...]:
@@ -238,3 +238,114 @@ register(
         differentiable=(False, True, True),
     )
 )
+
+
+# ---------------------------------------------------------------------------------------------
+# More elementwise functions
+
+
+def _softplus(x: np.ndarray) -> np.ndarray:
+    # log(1 + e^x) without overflow for large x.
+    return np.logaddexp(0, x)
+
+
+_unary("sin", "Sine.", np.sin, lambda b, x, out, g: b.mul(g, b.cos(x)))
+_unary("cos", "Cosine.", np.cos, lambda b, x, out, g: b.neg(b.mul(g, b.sin(x))))
+_unary(
+    "log1p", "log(1 + x), accurate near 0.", np.log1p, lambda b, x, out, g: b.div(g, b.add(x, 1))
+)
+_unary(
+    "expm1", "e ** x - 1, accurate near 0.", np.expm1, lambda b, x, out, g: b.mul(g, b.add(out, 1))
+)
+_unary(
+    "softplus",
+    "log(1 + e ** x), computed without overflow.",
+    _softplus,
+    lambda b, x, out, g: b.mul(g, b.sigmoid(x)),
+)
+_unary(
+    "reciprocal",
+    "1 / x.",
+    np.reciprocal,
+    lambda b, x, out, g: b.neg(b.mul(g, b.square(out))),
+)
+
+
+def _leaky_relu_infer(attrs, x: TensorType) -> TensorType:
+    return TensorType(float_dtype(x.dtype), x.shape, x.weak)
+
+
+def _leaky_relu_forward(call: Call, x: np.ndarray) -> np.ndarray:
+    (x,) = _cast(call, (x,))
+    return np.where(x > 0, x, x * call.type.dtype.type(call.attrs["alpha"]))
+
+
+register(
+    OpDef(
+        "leaky_relu",
+        "x where x > 0, alpha * x elsewhere (the gradient at 0 is alpha).",
+        ("x",),
+        _leaky_relu_infer,
+        _leaky_relu_forward,
+        lambda b, call, g: (
+            b.where(b.greater(call.inputs[0], 0), g, b.mul(g, call.attrs["alpha"])),
+        ),
+        attrs=(AttrSpec("alpha", "float", 0.01, "Slope for x <= 0."),),
+    )
+)
+
+
+def _clip_forward(call: Call, x: np.ndarray) -> np.ndarray:
+    (x,) = _cast(call, (x,))
+    low, high = call.attrs["min"], call.attrs["max"]
+    return np.clip(x, -np.inf if low is None else low, np.inf if high is None else high).astype(
+        call.type.dtype, copy=False
+    )
+
+
+def _clip_grad(b: Emitter, call: GradCall, g: Ref):
+    # The gradient passes where min <= x <= max (bounds included, as in PyTorch), 0 outside.
+    x = call.inputs[0]
+    low, high = call.attrs["min"], call.attrs["max"]
+    inside = None
+    if low is not None:
+        inside = b.greater_equal(x, low)
+    if high is not None:
+        below = b.less_equal(x, high)
+        inside = below if inside is None else b.logical_and(inside, below)
+    return (g if inside is None else b.where(inside, g, 0),)
+
+
+register(
+    OpDef(
+        "clip",
+        "x limited to [min, max]; the gradient is 0 outside the bounds.",
+        ("x",),
+        lambda attrs, x: TensorType(_numeric("clip", x.dtype), x.shape, x.weak),
+        _clip_forward,
+        _clip_grad,
+        attrs=(
+            AttrSpec("min", "float", None, "Lower bound; none for no bound."),
+            AttrSpec("max", "float", None, "Upper bound; none for no bound."),
+        ),
+    )
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Logic
+
+
+def _logical(name: str, doc: str, fn: Callable[..., np.ndarray], arity: int) -> OpDef:
+    def infer(attrs, *types: TensorType) -> TensorType:
+        if any(t.dtype.kind != "b" for t in types):
+            raise ShapeError(f"{name} takes bool operands; compare or cast first")
+        return TensorType(np.dtype(bool), _broadcast(*types))
+
+    operands = ("x", "y")[:arity]
+    return register(OpDef(name, doc, operands, infer, lambda call, *xs: fn(*xs)))
+
+
+_logical("logical_and", "x and y (bool), broadcasting.", np.logical_and, 2)
+_logical("logical_or", "x or y (bool), broadcasting.", np.logical_or, 2)
+_logical("logical_not", "not x (bool).", np.logical_not, 1)

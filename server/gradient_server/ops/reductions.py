@@ -58,6 +58,7 @@ def _reduction(
     grad: Callable[[Emitter, GradCall, Ref], Ref],
     *,
     nonempty: bool = False,
+    extra_attrs: tuple[AttrSpec, ...] = (),
 ) -> OpDef:
     def infer(attrs, x: TensorType) -> TensorType:
         axes = reduced_axes(attrs, len(x.shape))
@@ -67,13 +68,15 @@ def _reduction(
 
     def forward(call: Call, x: np.ndarray) -> np.ndarray:
         axes = reduced_axes(call.attrs, x.ndim)
-        out = fn(x, axis=axes, keepdims=call.attrs["keepdims"])
+        extra = {spec.name: call.attrs[spec.name] for spec in extra_attrs}
+        out = fn(x, axis=axes, keepdims=call.attrs["keepdims"], **extra)
         return np.asarray(out).astype(call.type.dtype, copy=False)
 
     def backward(b: Emitter, call: GradCall, g: Ref):
         return (grad(b, call, g),)
 
-    return register(OpDef(name, doc, ("x",), infer, forward, backward, attrs=_AXIS_ATTRS))
+    attrs = _AXIS_ATTRS + extra_attrs
+    return register(OpDef(name, doc, ("x",), infer, forward, backward, attrs=attrs))
 
 
 def _accumulating(dtype: np.dtype) -> np.dtype:
@@ -91,8 +94,8 @@ def _mean_grad(b: Emitter, call: GradCall, g: Ref) -> Ref:
     return b.div(_sum_grad(b, call, g), count)
 
 
-def _max_grad(b: Emitter, call: GradCall, g: Ref) -> Ref:
-    # The gradient goes to the elements equal to the maximum, split evenly among ties.
+def _extremum_grad(b: Emitter, call: GradCall, g: Ref) -> Ref:
+    # The gradient goes to the elements equal to the extremum, split evenly among ties.
     x = call.inputs[0]
     winners = b.cast(b.equal(x, _as_keepdims(b, call, call.out)), dtype=x.dtype.name)
     count = b.sum(winners, axis=list(reduced_axes(call.attrs, len(x.shape))), keepdims=True)
@@ -106,6 +109,123 @@ _reduction(
     "Maximum over axes; tied maxima share the gradient evenly.",
     np.max,
     lambda dtype: dtype,
-    _max_grad,
+    _extremum_grad,
     nonempty=True,
 )
+_reduction(
+    "min",
+    "Minimum over axes; tied minima share the gradient evenly.",
+    np.min,
+    lambda dtype: dtype,
+    _extremum_grad,
+    nonempty=True,
+)
+
+
+def _prod_grad(b: Emitter, call: GradCall, g: Ref) -> Ref:
+    # d(prod)/dx_i is the product of the other elements. Dividing out/x_i fails at zeros, so
+    # count the zeros of each reduced slice: with none, it is out/x_i; with one, only the zero
+    # element gets the product of the nonzero ones; with more, everything gets 0.
+    x = call.inputs[0]
+    axes = list(reduced_axes(call.attrs, len(x.shape)))
+    is_zero = b.equal(x, 0)
+    nonzero = b.where(is_zero, 1, x)
+    nonzero_product = b.prod(nonzero, axis=axes, keepdims=True)
+    zeros = b.sum(b.cast(is_zero, dtype="int64"), axis=axes, keepdims=True)
+    at_zero = b.where(b.equal(zeros, 1), nonzero_product, 0)
+    elsewhere = b.where(b.equal(zeros, 0), b.div(nonzero_product, nonzero), 0)
+    return b.mul(_as_keepdims(b, call, g), b.where(is_zero, at_zero, elsewhere))
+
+
+_reduction("prod", "Product over axes.", np.prod, _accumulating, _prod_grad)
+
+
+def _logsumexp(x: np.ndarray, axis, keepdims: bool) -> np.ndarray:
+    # Shift by the maximum so exp never overflows; an all -inf slice gives -inf.
+    shift = np.max(x, axis=axis, keepdims=True) if x.size else np.zeros((1,) * x.ndim, x.dtype)
+    shift = np.where(np.isfinite(shift), shift, 0)
+    out = np.log(np.sum(np.exp(x - shift), axis=axis, keepdims=True)) + shift
+    return out if keepdims else np.squeeze(out, axis=axis)
+
+
+def _logsumexp_grad(b: Emitter, call: GradCall, g: Ref) -> Ref:
+    # The gradient is softmax(x) along the reduced axes: exp(x - logsumexp(x)).
+    x = call.inputs[0]
+    return b.mul(_as_keepdims(b, call, g), b.exp(b.sub(x, _as_keepdims(b, call, call.out))))
+
+
+_reduction(
+    "logsumexp",
+    "log(sum(exp(x))) over axes, computed without overflow.",
+    _logsumexp,
+    float_dtype,
+    _logsumexp_grad,
+)
+
+
+def _var_grad(b: Emitter, call: GradCall, g: Ref) -> Ref:
+    x = call.inputs[0]
+    axes = reduced_axes(call.attrs, len(x.shape))
+    count = int(np.prod([x.shape[a] for a in axes])) - call.attrs["ddof"]
+    centered = b.sub(x, b.mean(x, axis=list(axes), keepdims=True))
+    return b.mul(_as_keepdims(b, call, g), b.mul(centered, 2.0 / count))
+
+
+_reduction(
+    "var",
+    "Variance over axes, dividing by N - ddof.",
+    np.var,
+    float_dtype,
+    _var_grad,
+    extra_attrs=(AttrSpec("ddof", "int", 0, "Delta degrees of freedom."),),
+)
+
+
+def _norm(x: np.ndarray, axis, keepdims: bool) -> np.ndarray:
+    return np.sqrt(np.sum(np.square(x), axis=axis, keepdims=keepdims))
+
+
+def _norm_grad(b: Emitter, call: GradCall, g: Ref) -> Ref:
+    # x / ||x||, defined as 0 at the origin (a subgradient, as PyTorch does).
+    x = call.inputs[0]
+    norm = _as_keepdims(b, call, call.out)
+    at_origin = b.equal(norm, 0)
+    direction = b.div(x, b.where(at_origin, 1, norm))
+    return b.mul(_as_keepdims(b, call, g), b.where(at_origin, 0, direction))
+
+
+_reduction("norm", "Euclidean (L2) norm over axes.", _norm, float_dtype, _norm_grad)
+
+
+def _arg_infer(name: str):
+    def infer(attrs, x: TensorType) -> TensorType:
+        axis = attrs["axis"]
+        if x.size == 0:
+            raise ShapeError(f"{name} of an empty tensor has no value")
+        if axis is None:
+            shape = (1,) * len(x.shape) if attrs["keepdims"] else ()
+            return TensorType(np.dtype("int64"), shape)
+        if not -len(x.shape) <= axis < len(x.shape):
+            raise ShapeError(f"axis {axis} is out of range for rank {len(x.shape)}")
+        axis %= len(x.shape)
+        kept = tuple(1 if i == axis else d for i, d in enumerate(x.shape))
+        reduced = tuple(d for i, d in enumerate(x.shape) if i != axis)
+        return TensorType(np.dtype("int64"), kept if attrs["keepdims"] else reduced)
+
+    return infer
+
+
+def _arg_reduction(name: str, doc: str, fn) -> OpDef:
+    def forward(call: Call, x: np.ndarray) -> np.ndarray:
+        out = fn(x, axis=call.attrs["axis"], keepdims=call.attrs["keepdims"])
+        return np.asarray(out, dtype=np.int64)
+
+    attrs = (
+        AttrSpec("axis", "int", None, "The axis; default the flattened tensor."),
+        AttrSpec("keepdims", "bool", False, "Keep the reduced axis as size 1."),
+    )
+    return register(OpDef(name, doc, ("x",), _arg_infer(name), forward, attrs=attrs))
+
+
+_arg_reduction("argmax", "Index of the (first) maximum along an axis (int64).", np.argmax)
+_arg_reduction("argmin", "Index of the (first) minimum along an axis (int64).", np.argmin)

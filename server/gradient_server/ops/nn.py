@@ -1,0 +1,530 @@
+"""Neural-network ops: softmax, log_softmax, cross_entropy, conv2d and 2-D pooling.
+
+Convolution and pooling are vectorised with strided window views: the only Python loops run
+over kernel positions, never over pixels or batch elements. Each of them has adjoint ops
+(conv2d_input_grad / conv2d_weight_grad, avg_pool2d_grad, max_pool2d_grad / max_pool2d_gather)
+whose own gradients close over the same set, so second derivatives stay in the table.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from ..tensor_type import TensorType, float_dtype, promote
+from .base import AttrSpec, Call, Emitter, GradCall, InvalidValue, OpDef, Ref, ShapeError, register
+from .reductions import _logsumexp
+
+# ---------------------------------------------------------------------------------------------
+# Softmax family
+
+
+def _axis_attr(default: int = -1) -> AttrSpec:
+    return AttrSpec("axis", "int", default, "The class axis.")
+
+
+def _float_same_shape(name: str):
+    def infer(attrs, x: TensorType) -> TensorType:
+        if x.shape and not -len(x.shape) <= attrs["axis"] < len(x.shape):
+            raise ShapeError(f"axis {attrs['axis']} is out of range for rank {len(x.shape)}")
+        if not x.shape:
+            raise ShapeError(f"{name} needs at least one axis")
+        return TensorType(float_dtype(x.dtype), x.shape, x.weak)
+
+    return infer
+
+
+def _log_softmax(x: np.ndarray, axis: int) -> np.ndarray:
+    return x - _logsumexp(x, axis=axis, keepdims=True)
+
+
+def _softmax(x: np.ndarray, axis: int) -> np.ndarray:
+    # Shifting by the maximum keeps exp in range and is exact (unlike exp(log_softmax)).
+    shift = np.max(x, axis=axis, keepdims=True)
+    e = np.exp(x - np.where(np.isfinite(shift), shift, 0))
+    return e / np.sum(e, axis=axis, keepdims=True)
+
+
+def _softmax_grad(b: Emitter, call: GradCall, g: Ref):
+    # softmax' g = s * (g - sum(g * s)) along the axis.
+    s = call.out
+    total = b.sum(b.mul(g, s), axis=call.attrs["axis"], keepdims=True)
+    return (b.mul(s, b.sub(g, total)),)
+
+
+def _log_softmax_grad(b: Emitter, call: GradCall, g: Ref):
+    # log_softmax' g = g - softmax(x) * sum(g) along the axis, with softmax = exp(out).
+    total = b.sum(g, axis=call.attrs["axis"], keepdims=True)
+    return (b.sub(g, b.mul(b.exp(call.out), total)),)
+
+
+register(
+    OpDef(
+        "softmax",
+        "exp(x) / sum(exp(x)) along an axis, computed without overflow.",
+        ("x",),
+        _float_same_shape("softmax"),
+        lambda call, x: _softmax(x.astype(call.type.dtype, copy=False), call.attrs["axis"]),
+        _softmax_grad,
+        attrs=(_axis_attr(),),
+    )
+)
+register(
+    OpDef(
+        "log_softmax",
+        "x - logsumexp(x) along an axis, computed without overflow.",
+        ("x",),
+        _float_same_shape("log_softmax"),
+        lambda call, x: _log_softmax(x.astype(call.type.dtype, copy=False), call.attrs["axis"]),
+        _log_softmax_grad,
+        attrs=(_axis_attr(),),
+    )
+)
+
+
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def _cross_entropy_infer(attrs, logits: TensorType, labels: TensorType) -> TensorType:
+    if labels.dtype.kind != "i":
+        raise ShapeError(f"labels must be int32 or int64 class indices, got {labels.dtype.name}")
+    if len(logits.shape) < 1 or logits.shape[:-1] != labels.shape:
+        raise ShapeError(
+            f"logits {list(logits.shape)} must be labels' shape {list(labels.shape)} plus a "
+            "class axis"
+        )
+    if attrs["reduction"] not in _REDUCTIONS:
+        raise ShapeError(f"reduction must be one of {', '.join(_REDUCTIONS)}")
+    shape = labels.shape if attrs["reduction"] == "none" else ()
+    return TensorType(float_dtype(logits.dtype), shape)
+
+
+def _cross_entropy_forward(call: Call, logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    classes = logits.shape[-1]
+    if labels.size and (labels.min() < 0 or labels.max() >= classes):
+        bad = labels[(labels < 0) | (labels >= classes)].flat[0]
+        raise InvalidValue(f"label {bad} is out of range for {classes} classes")
+    log_p = _log_softmax(logits.astype(call.type.dtype, copy=False), -1)
+    losses = -np.take_along_axis(log_p, labels[..., None].astype(np.intp), axis=-1)[..., 0]
+    reduction = call.attrs["reduction"]
+    if reduction == "mean":
+        return np.mean(losses) if losses.size else np.array(np.nan, call.type.dtype)
+    return np.sum(losses) if reduction == "sum" else losses
+
+
+def _cross_entropy_grad(b: Emitter, call: GradCall, g: Ref):
+    # d/dlogits = (softmax(logits) - one_hot(labels)) * g, over the batch size for "mean".
+    logits, labels = call.inputs
+    classes = logits.shape[-1]
+    probabilities = b.softmax(logits, axis=-1)
+    target = b.one_hot(labels, depth=classes, dtype=probabilities.dtype.name)
+    upstream = g if call.attrs["reduction"] != "none" else b.expand_dims(g, axis=[-1])
+    if call.attrs["reduction"] == "mean":
+        upstream = b.div(upstream, max(int(np.prod(labels.shape)), 1))
+    return b.mul(b.sub(probabilities, target), upstream), None
+
+
+register(
+    OpDef(
+        "cross_entropy",
+        "Softmax cross-entropy of logits (..., classes) against int labels (...), "
+        "computed without overflow.",
+        ("logits", "labels"),
+        _cross_entropy_infer,
+        _cross_entropy_forward,
+        _cross_entropy_grad,
+        differentiable=(True, False),
+        attrs=(AttrSpec("reduction", "string", "mean", "mean, sum or none."),),
+    )
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Windows
+
+
+def _pair(value: tuple[int, ...], what: str) -> tuple[int, int]:
+    if len(value) == 1:
+        return value[0], value[0]
+    if len(value) == 2:
+        return value[0], value[1]
+    raise ShapeError(f"{what} must be an int or a pair, got {list(value)}")
+
+
+def _geometry(attrs, kernel: tuple[int, int]):
+    stride = _pair(attrs["stride"] or kernel, "stride")
+    padding = _pair(attrs["padding"], "padding")
+    dilation = _pair(attrs.get("dilation") or (1,), "dilation")
+    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0 or min(kernel) < 1:
+        raise ShapeError("kernel, stride and dilation must be >= 1 and padding >= 0")
+    return stride, padding, dilation
+
+
+def _out_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _windows(x: np.ndarray, kernel, stride, padding, dilation, fill=0.0) -> np.ndarray:
+    """(N, C, Ho, Wo, kh, kw) strided view of the windows of a padded NCHW array."""
+    (ph, pw), (dh, dw), (sh, sw) = padding, dilation, stride
+    if ph or pw:
+        x = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=fill)
+    span = (dh * (kernel[0] - 1) + 1, dw * (kernel[1] - 1) + 1)
+    view = sliding_window_view(x, span, axis=(2, 3))
+    return view[:, :, ::sh, ::sw, ::dh, ::dw]
+
+
+def _scatter_windows(
+    contributions: np.ndarray, shape, kernel, stride, padding, dilation
+) -> np.ndarray:
+    """The adjoint of _windows: add (N, C, Ho, Wo, kh, kw) window values back into NCHW."""
+    n, c, h, w = shape
+    (ph, pw), (dh, dw), (sh, sw) = padding, dilation, stride
+    ho, wo = contributions.shape[2:4]
+    out = np.zeros((n, c, h + 2 * ph, w + 2 * pw), contributions.dtype)
+    for i in range(kernel[0]):
+        for j in range(kernel[1]):
+            rows = slice(i * dh, i * dh + sh * (ho - 1) + 1, sh)
+            cols = slice(j * dw, j * dw + sw * (wo - 1) + 1, sw)
+            out[:, :, rows, cols] += contributions[:, :, :, :, i, j]
+    return out[:, :, ph : ph + h, pw : pw + w]
+
+
+def _check_nchw(x: TensorType, what: str) -> None:
+    if len(x.shape) != 4:
+        raise ShapeError(f"{what} must be 4-D (N, C, H, W), got {list(x.shape)}")
+
+
+def _spatial_out(x_shape, kernel, stride, padding, dilation) -> tuple[int, int]:
+    out = tuple(
+        _out_size(x_shape[2 + k], kernel[k], stride[k], padding[k], dilation[k]) for k in (0, 1)
+    )
+    if min(out) < 1:
+        raise ShapeError(
+            f"the kernel {list(kernel)} (dilation {list(dilation)}) does not fit the padded "
+            f"input {list(x_shape)}"
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Convolution
+
+
+def _conv_attrs() -> tuple[AttrSpec, ...]:
+    return (
+        AttrSpec("stride", "ints", (1,), "Stride: an int or a (height, width) pair."),
+        AttrSpec("padding", "ints", (0,), "Zero padding on each side: an int or a pair."),
+        AttrSpec("dilation", "ints", (1,), "Spacing of kernel elements: an int or a pair."),
+    )
+
+
+def _conv_geometry(attrs, w_shape):
+    return _geometry(attrs, (w_shape[2], w_shape[3]))
+
+
+def _conv2d_infer(attrs, x: TensorType, w: TensorType) -> TensorType:
+    _check_nchw(x, "input")
+    _check_nchw(w, "weight (O, C, kh, kw)")
+    if x.shape[1] != w.shape[1]:
+        raise ShapeError(f"input has {x.shape[1]} channels but the weight expects {w.shape[1]}")
+    stride, padding, dilation = _conv_geometry(attrs, w.shape)
+    ho, wo = _spatial_out(x.shape, w.shape[2:], stride, padding, dilation)
+    dtype, weak = promote(x, w)
+    if dtype.kind != "f":
+        raise ShapeError("conv2d takes float operands")
+    return TensorType(dtype, (x.shape[0], w.shape[0], ho, wo), weak)
+
+
+def _conv2d_forward(call: Call, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    dtype = call.type.dtype
+    x, w = x.astype(dtype, copy=False), w.astype(dtype, copy=False)
+    windows = _windows(x, w.shape[2:], *_conv_geometry(call.attrs, w.shape))
+    # (N, C, Ho, Wo, kh, kw) . (O, C, kh, kw) -> (N, Ho, Wo, O) -> NCHW
+    out = np.tensordot(windows, w, axes=([1, 4, 5], [1, 2, 3]))
+    return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
+
+
+def _geometry_attrs(attrs) -> dict:
+    return {"stride": attrs["stride"], "padding": attrs["padding"], "dilation": attrs["dilation"]}
+
+
+def _conv2d_grad(b: Emitter, call: GradCall, g: Ref):
+    x, w = call.inputs
+    geometry = _geometry_attrs(call.attrs)
+    return (
+        b.conv2d_input_grad(g, w, input_shape=list(x.shape), **geometry),
+        b.conv2d_weight_grad(x, g, weight_shape=list(w.shape), **geometry),
+    )
+
+
+register(
+    OpDef(
+        "conv2d",
+        "2-D cross-correlation of NCHW input with OIHW weight (as torch.nn.functional.conv2d; "
+        "add a bias with add).",
+        ("x", "w"),
+        _conv2d_infer,
+        _conv2d_forward,
+        _conv2d_grad,
+        attrs=_conv_attrs(),
+    )
+)
+
+
+def _conv2d_input_grad_infer(attrs, g: TensorType, w: TensorType) -> TensorType:
+    shape = tuple(attrs["input_shape"])
+    expected = _conv2d_infer(attrs, TensorType(g.dtype, shape), w)
+    if expected.shape != g.shape:
+        raise ShapeError(f"gradient {list(g.shape)} does not match conv2d output {expected}")
+    return TensorType(promote(g, w)[0], shape)
+
+
+def _conv2d_input_grad_forward(call: Call, g: np.ndarray, w: np.ndarray) -> np.ndarray:
+    dtype = call.type.dtype
+    g, w = g.astype(dtype, copy=False), w.astype(dtype, copy=False)
+    # Each output pixel's gradient spreads over its window: (N, O, Ho, Wo) . (O, C, kh, kw).
+    contributions = np.tensordot(g, w, axes=([1], [0])).transpose(0, 3, 1, 2, 4, 5)
+    return _scatter_windows(
+        contributions, call.type.shape, w.shape[2:], *_conv_geometry(call.attrs, w.shape)
+    )
+
+
+def _conv2d_input_grad_grad(b: Emitter, call: GradCall, u: Ref):
+    # conv2d_input_grad is bilinear in (g, w) and the adjoint of conv2d in x.
+    g, w = call.inputs
+    geometry = _geometry_attrs(call.attrs)
+    return (
+        b.conv2d(u, w, **geometry),
+        b.conv2d_weight_grad(u, g, weight_shape=list(w.shape), **geometry),
+    )
+
+
+register(
+    OpDef(
+        "conv2d_input_grad",
+        "Gradient of conv2d with respect to its input, given the output gradient and weight "
+        "(a transposed convolution).",
+        ("g", "w"),
+        _conv2d_input_grad_infer,
+        _conv2d_input_grad_forward,
+        _conv2d_input_grad_grad,
+        attrs=(AttrSpec("input_shape", "ints", doc="Shape of conv2d's input."), *_conv_attrs()),
+    )
+)
+
+
+def _conv2d_weight_grad_infer(attrs, x: TensorType, g: TensorType) -> TensorType:
+    shape = tuple(attrs["weight_shape"])
+    expected = _conv2d_infer(attrs, x, TensorType(x.dtype, shape))
+    if expected.shape != g.shape:
+        raise ShapeError(f"gradient {list(g.shape)} does not match conv2d output {expected}")
+    return TensorType(promote(x, g)[0], shape)
+
+
+def _conv2d_weight_grad_forward(call: Call, x: np.ndarray, g: np.ndarray) -> np.ndarray:
+    dtype = call.type.dtype
+    x, g = x.astype(dtype, copy=False), g.astype(dtype, copy=False)
+    shape = call.type.shape
+    windows = _windows(x, shape[2:], *_conv_geometry(call.attrs, shape))
+    # (N, O, Ho, Wo) . (N, C, Ho, Wo, kh, kw) over N, Ho, Wo -> (O, C, kh, kw)
+    return np.tensordot(g, windows, axes=([0, 2, 3], [0, 2, 3]))
+
+
+def _conv2d_weight_grad_grad(b: Emitter, call: GradCall, u: Ref):
+    x, g = call.inputs
+    geometry = _geometry_attrs(call.attrs)
+    return (
+        b.conv2d_input_grad(g, u, input_shape=list(x.shape), **geometry),
+        b.conv2d(x, u, **geometry),
+    )
+
+
+register(
+    OpDef(
+        "conv2d_weight_grad",
+        "Gradient of conv2d with respect to its weight, given the input and output gradient.",
+        ("x", "g"),
+        _conv2d_weight_grad_infer,
+        _conv2d_weight_grad_forward,
+        _conv2d_weight_grad_grad,
+        attrs=(AttrSpec("weight_shape", "ints", doc="Shape of conv2d's weight."), *_conv_attrs()),
+    )
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pooling
+
+
+def _pool_attrs() -> tuple[AttrSpec, ...]:
+    return (
+        AttrSpec("kernel", "ints", doc="Window size: an int or a (height, width) pair."),
+        AttrSpec("stride", "ints", None, "Stride: an int or a pair; default the kernel size."),
+        AttrSpec("padding", "ints", (0,), "Padding on each side: an int or a pair."),
+    )
+
+
+def _pool_geometry(attrs):
+    kernel = _pair(attrs["kernel"], "kernel")
+    stride, padding, dilation = _geometry(attrs, kernel)
+    if padding[0] * 2 > kernel[0] or padding[1] * 2 > kernel[1]:
+        raise ShapeError("padding must be at most half the kernel size")
+    return kernel, stride, padding, dilation
+
+
+def _pool_infer(attrs, x: TensorType) -> TensorType:
+    _check_nchw(x, "input")
+    kernel, stride, padding, dilation = _pool_geometry(attrs)
+    ho, wo = _spatial_out(x.shape, kernel, stride, padding, dilation)
+    if x.dtype.kind != "f":
+        raise ShapeError("pooling takes float input")
+    return TensorType(x.dtype, (*x.shape[:2], ho, wo), x.weak)
+
+
+def _pool_attr_values(attrs) -> dict:
+    return {"kernel": attrs["kernel"], "stride": attrs["stride"], "padding": attrs["padding"]}
+
+
+def _avg_pool_forward(call: Call, x: np.ndarray) -> np.ndarray:
+    kernel, stride, padding, dilation = _pool_geometry(call.attrs)
+    # Padding counts as zeros in the average (PyTorch's count_include_pad=True default).
+    windows = _windows(x, kernel, stride, padding, dilation)
+    return windows.mean(axis=(4, 5), dtype=x.dtype)
+
+
+register(
+    OpDef(
+        "avg_pool2d",
+        "Average over 2-D windows of NCHW input; padding counts as zeros.",
+        ("x",),
+        _pool_infer,
+        _avg_pool_forward,
+        lambda b, call, g: (
+            b.avg_pool2d_grad(
+                g, input_shape=list(call.inputs[0].shape), **_pool_attr_values(call.attrs)
+            ),
+        ),
+        attrs=_pool_attrs(),
+    )
+)
+
+
+def _avg_pool_grad_infer(attrs, g: TensorType) -> TensorType:
+    shape = tuple(attrs["input_shape"])
+    expected = _pool_infer(attrs, TensorType(g.dtype, shape))
+    if expected.shape != g.shape:
+        raise ShapeError(f"gradient {list(g.shape)} does not match avg_pool2d output {expected}")
+    return TensorType(g.dtype, shape, g.weak)
+
+
+def _avg_pool_grad_forward(call: Call, g: np.ndarray) -> np.ndarray:
+    kernel, stride, padding, dilation = _pool_geometry(call.attrs)
+    share = g / (kernel[0] * kernel[1])
+    contributions = np.broadcast_to(share[..., None, None], (*g.shape, *kernel))
+    return _scatter_windows(contributions, call.type.shape, kernel, stride, padding, dilation)
+
+
+register(
+    OpDef(
+        "avg_pool2d_grad",
+        "Gradient of avg_pool2d with respect to its input (each window's share spread back).",
+        ("g",),
+        _avg_pool_grad_infer,
+        _avg_pool_grad_forward,
+        lambda b, call, u: (b.avg_pool2d(u, **_pool_attr_values(call.attrs)),),
+        attrs=(AttrSpec("input_shape", "ints", doc="Shape of avg_pool2d's input."), *_pool_attrs()),
+    )
+)
+
+
+def _max_windows(call: Call, x: np.ndarray):
+    kernel, stride, padding, dilation = _pool_geometry(call.attrs)
+    windows = _windows(x, kernel, stride, padding, dilation, fill=-np.inf)
+    return windows, (kernel, stride, padding, dilation)
+
+
+def _max_pool_forward(call: Call, x: np.ndarray) -> np.ndarray:
+    windows, _ = _max_windows(call, x)
+    return windows.max(axis=(4, 5))
+
+
+def _routing(windows: np.ndarray) -> np.ndarray:
+    """Each window's share of its gradient: 1/k on its k tied maxima, 0 elsewhere."""
+    winners = windows == windows.max(axis=(4, 5), keepdims=True)
+    return winners / winners.sum(axis=(4, 5), keepdims=True)
+
+
+register(
+    OpDef(
+        "max_pool2d",
+        "Maximum over 2-D windows of NCHW input; tied maxima share the gradient evenly.",
+        ("x",),
+        _pool_infer,
+        _max_pool_forward,
+        lambda b, call, g: (b.max_pool2d_grad(call.inputs[0], g, **_pool_attr_values(call.attrs)),),
+        attrs=_pool_attrs(),
+    )
+)
+
+
+def _max_pool_grad_infer(attrs, x: TensorType, g: TensorType) -> TensorType:
+    expected = _pool_infer(attrs, x)
+    if expected.shape != g.shape:
+        raise ShapeError(f"gradient {list(g.shape)} does not match max_pool2d output {expected}")
+    return TensorType(promote(x, g)[0], x.shape)
+
+
+def _max_pool_grad_forward(call: Call, x: np.ndarray, g: np.ndarray) -> np.ndarray:
+    windows, geometry = _max_windows(call, x)
+    contributions = _routing(windows) * g[..., None, None]
+    return _scatter_windows(contributions, x.shape, *geometry).astype(call.type.dtype)
+
+
+register(
+    OpDef(
+        "max_pool2d_grad",
+        "Gradient of max_pool2d with respect to its input x, given the output gradient g.",
+        ("x", "g"),
+        _max_pool_grad_infer,
+        _max_pool_grad_forward,
+        # Linear in g; the routing is piecewise constant in x, so x gets no gradient.
+        lambda b, call, u: (
+            None,
+            b.max_pool2d_gather(call.inputs[0], u, **_pool_attr_values(call.attrs)),
+        ),
+        differentiable=(False, True),
+        attrs=_pool_attrs(),
+    )
+)
+
+
+def _max_pool_gather_infer(attrs, x: TensorType, u: TensorType) -> TensorType:
+    if u.shape != x.shape:
+        raise ShapeError(f"u {list(u.shape)} must have x's shape {list(x.shape)}")
+    out = _pool_infer(attrs, x)
+    return TensorType(promote(x, u)[0], out.shape)
+
+
+def _max_pool_gather_forward(call: Call, x: np.ndarray, u: np.ndarray) -> np.ndarray:
+    windows, geometry = _max_windows(call, x)
+    u_windows = _windows(u.astype(call.type.dtype, copy=False), *geometry)
+    return (_routing(windows) * u_windows).sum(axis=(4, 5)).astype(call.type.dtype)
+
+
+register(
+    OpDef(
+        "max_pool2d_gather",
+        "The adjoint of max_pool2d_grad in g: each window's tied maxima of x pick their "
+        "share of u.",
+        ("x", "u"),
+        _max_pool_gather_infer,
+        _max_pool_gather_forward,
+        lambda b, call, v: (
+            None,
+            b.max_pool2d_grad(call.inputs[0], v, **_pool_attr_values(call.attrs)),
+        ),
+        differentiable=(False, True),
+        attrs=_pool_attrs(),
+    )
+)
