@@ -3,8 +3,10 @@
 from .client import (
     AsyncGradientClient,
     ForwardResult,
+    GradientCheckReport,
     GradientClient,
     GradientResult,
+    NodeCheck,
     OpAttr,
     OpInfo,
 )
@@ -17,8 +19,10 @@ __all__ = [
     "ForwardResult",
     "Graph",
     "GradientClient",
+    "GradientCheckReport",
     "GradientError",
     "GradientResult",
+    "NodeCheck",
     "Node",
     "OpAttr",
     "OpInfo",

@@ -20,8 +20,10 @@ __all__ = [
     "AsyncGradientClient",
     "DEFAULT_MAX_MESSAGE_MB",
     "ForwardResult",
+    "GradientCheckReport",
     "GradientClient",
     "GradientResult",
+    "NodeCheck",
     "OpAttr",
     "OpInfo",
 ]
@@ -53,6 +55,28 @@ class GradientResult:
     values: dict[str, np.ndarray]
     gradients: dict[str, np.ndarray]
     skipped: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class NodeCheck:
+    """The gradient check of one node: worst absolute and relative error, and the verdict."""
+
+    max_abs_error: float
+    max_rel_error: float
+    passed: bool
+    checked: int
+
+
+@dataclass(frozen=True)
+class GradientCheckReport:
+    """The result of check_gradient: `passed` overall, and a NodeCheck per checked node."""
+
+    passed: bool
+    nodes: dict[str, NodeCheck]
+    skipped: dict[str, str]
+    eps: float
+    atol: float
+    rtol: float
 
 
 @dataclass(frozen=True)
@@ -126,6 +150,40 @@ def _gradient_request(graph, output, inputs, wrt, seed, fetch) -> service_pb2.Gr
     if seed is not None:
         request.seed.CopyFrom(to_proto(np.asarray(seed)))
     return request
+
+
+def _check_request(
+    graph, output, inputs, wrt, seed, eps, atol, rtol, max_elements, directions, random_seed
+) -> service_pb2.CheckGradientRequest:
+    request = service_pb2.CheckGradientRequest(
+        graph=_graph_message(graph),
+        inputs=_feeds(graph, inputs),
+        output=_name(output),
+        wrt=_names(wrt),
+        max_elements=max_elements,
+        directions=directions,
+        random_seed=random_seed,
+    )
+    if seed is not None:
+        request.seed.CopyFrom(to_proto(np.asarray(seed)))
+    for name, value in (("eps", eps), ("atol", atol), ("rtol", rtol)):
+        if value is not None:
+            setattr(request, name, value)
+    return request
+
+
+def _check_report(response: service_pb2.CheckGradientResponse) -> GradientCheckReport:
+    return GradientCheckReport(
+        passed=response.passed,
+        nodes={
+            n.name: NodeCheck(n.max_abs_error, n.max_rel_error, n.passed, n.checked)
+            for n in response.nodes
+        },
+        skipped={s.name: s.reason for s in response.skipped},
+        eps=response.eps,
+        atol=response.atol,
+        rtol=response.rtol,
+    )
 
 
 def _forward_result(response: service_pb2.ForwardResponse) -> ForwardResult:
@@ -243,6 +301,33 @@ class GradientClient:
         request = _gradient_request(graph, output, inputs, wrt, seed, fetch)
         return _gradient_result(self._call(self._stub.Gradient, request, timeout))
 
+    def check_gradient(
+        self,
+        graph: GraphLike,
+        output: NodeLike,
+        inputs: Mapping[str, Any] | None = None,
+        wrt: Sequence[NodeLike] | None = None,
+        *,
+        seed: Any = None,
+        eps: float | None = None,
+        atol: float | None = None,
+        rtol: float | None = None,
+        max_elements: int = 0,
+        directions: int = 0,
+        random_seed: int = 0,
+        timeout: float | None = None,
+    ) -> GradientCheckReport:
+        """Check the server's gradients against central finite differences in float64.
+
+        Defaults as torch.autograd.gradcheck: eps 1e-6, atol 1e-5, rtol 1e-3; `wrt` defaults
+        to every float input. `max_elements` samples that many elements per node;
+        `directions` checks random directions instead (cheap for large tensors).
+        """
+        request = _check_request(
+            graph, output, inputs, wrt, seed, eps, atol, rtol, max_elements, directions, random_seed
+        )
+        return _check_report(self._call(self._stub.CheckGradient, request, timeout))
+
     def list_ops(self, *, timeout: float | None = None) -> list[OpInfo]:
         """Every op the server knows."""
         response = self._call(self._stub.ListOps, service_pb2.ListOpsRequest(), timeout)
@@ -311,6 +396,28 @@ class AsyncGradientClient:
         """See GradientClient.gradient."""
         request = _gradient_request(graph, output, inputs, wrt, seed, fetch)
         return _gradient_result(await self._call(self._stub.Gradient, request, timeout))
+
+    async def check_gradient(
+        self,
+        graph: GraphLike,
+        output: NodeLike,
+        inputs: Mapping[str, Any] | None = None,
+        wrt: Sequence[NodeLike] | None = None,
+        *,
+        seed: Any = None,
+        eps: float | None = None,
+        atol: float | None = None,
+        rtol: float | None = None,
+        max_elements: int = 0,
+        directions: int = 0,
+        random_seed: int = 0,
+        timeout: float | None = None,
+    ) -> GradientCheckReport:
+        """See GradientClient.check_gradient."""
+        request = _check_request(
+            graph, output, inputs, wrt, seed, eps, atol, rtol, max_elements, directions, random_seed
+        )
+        return _check_report(await self._call(self._stub.CheckGradient, request, timeout))
 
     async def list_ops(self, *, timeout: float | None = None) -> list[OpInfo]:
         """See GradientClient.list_ops."""

@@ -20,6 +20,7 @@ from gradient_client.tensors import TensorFormatError, from_proto, to_proto
 
 from .engine import Engine, Limits
 from .errors import DeadlineExceeded, GraphError, LimitExceeded
+from .gradcheck import CheckSettings, check_gradient
 from .ops import OPS, AttrSpec, OpDef
 from .ops.base import REQUIRED
 
@@ -43,6 +44,19 @@ def _decode_feeds(feeds: Any) -> dict[str, np.ndarray]:
         except TensorFormatError as e:
             raise GraphError(f"input {name!r}: {e}") from None
     return decoded
+
+
+def _decode_seed(request: Any) -> np.ndarray | None:
+    if not request.HasField("seed"):
+        return None
+    try:
+        return from_proto(request.seed)
+    except TensorFormatError as e:
+        raise GraphError(f"seed: {e}") from None
+
+
+def _skipped(skipped: dict[str, str]) -> list[service_pb2.SkippedNode]:
+    return [service_pb2.SkippedNode(name=name, reason=reason) for name, reason in skipped.items()]
 
 
 def _encode(values: dict[str, np.ndarray], payload: int) -> dict[str, Any]:
@@ -70,17 +84,11 @@ class GradientServicer(service_grpc.GradientServiceServicer):
     def Gradient(self, request, context):
         def work(check: Callable[[], None]):
             graph = self.engine.load_graph(request.graph)
-            seed = None
-            if request.HasField("seed"):
-                try:
-                    seed = from_proto(request.seed)
-                except TensorFormatError as e:
-                    raise GraphError(f"seed: {e}") from None
             result = self.engine.gradient(
                 graph,
                 _decode_feeds(request.inputs),
                 request.output,
-                seed,
+                _decode_seed(request),
                 list(request.wrt),
                 list(request.fetch),
                 check,
@@ -88,13 +96,54 @@ class GradientServicer(service_grpc.GradientServiceServicer):
             return service_pb2.GradientResponse(
                 values=_encode(result.values, request.response_payload),
                 gradients=_encode(result.gradients, request.response_payload),
-                skipped=[
-                    service_pb2.SkippedNode(name=name, reason=reason)
-                    for name, reason in result.skipped.items()
-                ],
+                skipped=_skipped(result.skipped),
             )
 
         return self._handle("Gradient", context, work)
+
+    def CheckGradient(self, request, context):
+        def work(check: Callable[[], None]):
+            graph = self.engine.load_graph(request.graph)
+            defaults = CheckSettings()
+            settings = CheckSettings(
+                eps=request.eps if request.HasField("eps") else defaults.eps,
+                atol=request.atol if request.HasField("atol") else defaults.atol,
+                rtol=request.rtol if request.HasField("rtol") else defaults.rtol,
+                max_elements=max(request.max_elements, 0),
+                directions=max(request.directions, 0),
+                random_seed=request.random_seed,
+            )
+            if not request.output:
+                raise GraphError("no output was named: say which node to differentiate")
+            report = check_gradient(
+                self.engine,
+                graph,
+                _decode_feeds(request.inputs),
+                request.output,
+                _decode_seed(request),
+                list(request.wrt),
+                settings,
+                check,
+            )
+            return service_pb2.CheckGradientResponse(
+                passed=report.passed,
+                nodes=[
+                    service_pb2.NodeGradientCheck(
+                        name=name,
+                        max_abs_error=node.max_abs_error,
+                        max_rel_error=node.max_rel_error,
+                        passed=node.passed,
+                        checked=node.checked,
+                    )
+                    for name, node in report.nodes.items()
+                ],
+                skipped=_skipped(report.skipped),
+                eps=settings.eps,
+                atol=settings.atol,
+                rtol=settings.rtol,
+            )
+
+        return self._handle("CheckGradient", context, work)
 
     def ListOps(self, request, context):
         return self._handle("ListOps", context, lambda check: self._ops)

@@ -150,3 +150,66 @@ class ListOpsResponse(_message.Message):
     OPS_FIELD_NUMBER: _ClassVar[int]
     ops: _containers.RepeatedCompositeFieldContainer[OpInfo]
     def __init__(self, ops: _Optional[_Iterable[_Union[OpInfo, _Mapping]]] = ...) -> None: ...
+
+class CheckGradientRequest(_message.Message):
+    __slots__ = ("graph", "inputs", "output", "seed", "wrt", "eps", "atol", "rtol", "max_elements", "directions", "random_seed")
+    class InputsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    GRAPH_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    WRT_FIELD_NUMBER: _ClassVar[int]
+    EPS_FIELD_NUMBER: _ClassVar[int]
+    ATOL_FIELD_NUMBER: _ClassVar[int]
+    RTOL_FIELD_NUMBER: _ClassVar[int]
+    MAX_ELEMENTS_FIELD_NUMBER: _ClassVar[int]
+    DIRECTIONS_FIELD_NUMBER: _ClassVar[int]
+    RANDOM_SEED_FIELD_NUMBER: _ClassVar[int]
+    graph: _graph_pb2.Graph
+    inputs: _containers.MessageMap[str, _tensor_pb2.Tensor]
+    output: str
+    seed: _tensor_pb2.Tensor
+    wrt: _containers.RepeatedScalarFieldContainer[str]
+    eps: float
+    atol: float
+    rtol: float
+    max_elements: int
+    directions: int
+    random_seed: int
+    def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., inputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., output: _Optional[str] = ..., seed: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., wrt: _Optional[_Iterable[str]] = ..., eps: _Optional[float] = ..., atol: _Optional[float] = ..., rtol: _Optional[float] = ..., max_elements: _Optional[int] = ..., directions: _Optional[int] = ..., random_seed: _Optional[int] = ...) -> None: ...
+
+class NodeGradientCheck(_message.Message):
+    __slots__ = ("name", "max_abs_error", "max_rel_error", "passed", "checked")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MAX_ABS_ERROR_FIELD_NUMBER: _ClassVar[int]
+    MAX_REL_ERROR_FIELD_NUMBER: _ClassVar[int]
+    PASSED_FIELD_NUMBER: _ClassVar[int]
+    CHECKED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    max_abs_error: float
+    max_rel_error: float
+    passed: bool
+    checked: int
+    def __init__(self, name: _Optional[str] = ..., max_abs_error: _Optional[float] = ..., max_rel_error: _Optional[float] = ..., passed: _Optional[bool] = ..., checked: _Optional[int] = ...) -> None: ...
+
+class CheckGradientResponse(_message.Message):
+    __slots__ = ("passed", "nodes", "skipped", "eps", "atol", "rtol")
+    PASSED_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    EPS_FIELD_NUMBER: _ClassVar[int]
+    ATOL_FIELD_NUMBER: _ClassVar[int]
+    RTOL_FIELD_NUMBER: _ClassVar[int]
+    passed: bool
+    nodes: _containers.RepeatedCompositeFieldContainer[NodeGradientCheck]
+    skipped: _containers.RepeatedCompositeFieldContainer[SkippedNode]
+    eps: float
+    atol: float
+    rtol: float
+    def __init__(self, passed: _Optional[bool] = ..., nodes: _Optional[_Iterable[_Union[NodeGradientCheck, _Mapping]]] = ..., skipped: _Optional[_Iterable[_Union[SkippedNode, _Mapping]]] = ..., eps: _Optional[float] = ..., atol: _Optional[float] = ..., rtol: _Optional[float] = ...) -> None: ...

@@ -57,6 +57,11 @@ class GradientServiceStub:
                 request_serializer=gradient_dot_v1_dot_gradient__service__pb2.ListOpsRequest.SerializeToString,
                 response_deserializer=gradient_dot_v1_dot_gradient__service__pb2.ListOpsResponse.FromString,
                 _registered_method=True)
+        self.CheckGradient = channel.unary_unary(
+                '/gradient.v1.GradientService/CheckGradient',
+                request_serializer=gradient_dot_v1_dot_gradient__service__pb2.CheckGradientRequest.SerializeToString,
+                response_deserializer=gradient_dot_v1_dot_gradient__service__pb2.CheckGradientResponse.FromString,
+                _registered_method=True)
 
 
 class GradientServiceServicer:
@@ -92,6 +97,14 @@ class GradientServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CheckGradient(self, request, context):
+        """Checks the analytic gradient against central finite differences in float64
+        (as torch.autograd.gradcheck and jax.test_util.check_grads do).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GradientServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -109,6 +122,11 @@ def add_GradientServiceServicer_to_server(servicer, server):
                     servicer.ListOps,
                     request_deserializer=gradient_dot_v1_dot_gradient__service__pb2.ListOpsRequest.FromString,
                     response_serializer=gradient_dot_v1_dot_gradient__service__pb2.ListOpsResponse.SerializeToString,
+            ),
+            'CheckGradient': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckGradient,
+                    request_deserializer=gradient_dot_v1_dot_gradient__service__pb2.CheckGradientRequest.FromString,
+                    response_serializer=gradient_dot_v1_dot_gradient__service__pb2.CheckGradientResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -200,6 +218,33 @@ class GradientService:
             '/gradient.v1.GradientService/ListOps',
             gradient_dot_v1_dot_gradient__service__pb2.ListOpsRequest.SerializeToString,
             gradient_dot_v1_dot_gradient__service__pb2.ListOpsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckGradient(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradient.v1.GradientService/CheckGradient',
+            gradient_dot_v1_dot_gradient__service__pb2.CheckGradientRequest.SerializeToString,
+            gradient_dot_v1_dot_gradient__service__pb2.CheckGradientResponse.FromString,
             options,
             channel_credentials,
             insecure,
