@@ -144,6 +144,40 @@ def _with_attr(op: str, attr: str, doc: str) -> Callable[..., Node]:
     return method
 
 
+def _variadic(op: str, doc: str) -> Callable[..., Node]:
+    def method(self: Graph, *xs: Operand, axis: int = 0, name: str | None = None) -> Node:
+        return self.op(op, *xs, name=name, axis=axis)
+
+    method.__name__ = method.__qualname__ = op
+    method.__doc__ = doc
+    return method
+
+
+def _pair(value: int | Sequence[int] | None) -> list[int] | None:
+    if value is None:
+        return None
+    return [int(value)] if isinstance(value, (int, np.integer)) else [int(v) for v in value]
+
+
+def _pool(op: str, doc: str) -> Callable[..., Node]:
+    def method(
+        self: Graph,
+        x: Operand,
+        kernel: int | Sequence[int],
+        stride: int | Sequence[int] | None = None,
+        padding: int | Sequence[int] = 0,
+        *,
+        name: str | None = None,
+    ) -> Node:
+        return self.op(
+            op, x, name=name, kernel=_pair(kernel), stride=_pair(stride), padding=_pair(padding)
+        )
+
+    method.__name__ = method.__qualname__ = op
+    method.__doc__ = doc
+    return method
+
+
 class Graph:
     """Builds a computation graph node by node.
 
@@ -260,6 +294,13 @@ class Graph:
     tanh = _unary("tanh", "Hyperbolic tangent.")
     sigmoid = _unary("sigmoid", "Logistic sigmoid, stable for large |x|.")
     relu = _unary("relu", "max(x, 0) (gradient 0 at 0).")
+    sin = _unary("sin", "Sine.")
+    cos = _unary("cos", "Cosine.")
+    log1p = _unary("log1p", "log(1 + x), accurate near 0.")
+    expm1 = _unary("expm1", "e ** x - 1, accurate near 0.")
+    softplus = _unary("softplus", "log(1 + e ** x), stable for large |x|.")
+    reciprocal = _unary("reciprocal", "1 / x.")
+    logical_not = _unary("logical_not", "not x (bool).")
 
     add = _binary("add", "x + y, broadcasting.")
     sub = _binary("sub", "x - y, broadcasting.")
@@ -275,10 +316,308 @@ class Graph:
     greater_equal = _binary("greater_equal", "x >= y (bool), broadcasting.")
     less = _binary("less", "x < y (bool), broadcasting.")
     less_equal = _binary("less_equal", "x <= y (bool), broadcasting.")
+    logical_and = _binary("logical_and", "x and y (bool), broadcasting.")
+    logical_or = _binary("logical_or", "x or y (bool), broadcasting.")
 
     sum = _reduction("sum", "Sum over axes.")
     mean = _reduction("mean", "Mean over axes.")
     max = _reduction("max", "Maximum over axes; tied maxima share the gradient.")
+    min = _reduction("min", "Minimum over axes; tied minima share the gradient.")
+    prod = _reduction("prod", "Product over axes.")
+    logsumexp = _reduction("logsumexp", "log(sum(exp(x))) over axes, stable.")
+    norm = _reduction("norm", "Euclidean (L2) norm over axes (gradient 0 at the origin).")
+
+    def var(
+        self,
+        x: Operand,
+        axis: int | Iterable[int] | None = None,
+        keepdims: bool = False,
+        ddof: int = 0,
+        *,
+        name: str | None = None,
+    ) -> Node:
+        """Variance over axes, dividing by N - ddof."""
+        axes = None if axis is None else ([axis] if isinstance(axis, int) else list(axis))
+        return self.op("var", x, name=name, axis=axes, keepdims=keepdims or None, ddof=ddof)
+
+    def argmax(
+        self,
+        x: Operand,
+        axis: int | None = None,
+        keepdims: bool = False,
+        *,
+        name: str | None = None,
+    ) -> Node:
+        """Index of the first maximum along an axis (default: of the flattened tensor); int64."""
+        return self.op("argmax", x, name=name, axis=axis, keepdims=keepdims or None)
+
+    def argmin(
+        self,
+        x: Operand,
+        axis: int | None = None,
+        keepdims: bool = False,
+        *,
+        name: str | None = None,
+    ) -> Node:
+        """Index of the first minimum along an axis (default: of the flattened tensor); int64."""
+        return self.op("argmin", x, name=name, axis=axis, keepdims=keepdims or None)
+
+    # -- shape and indexing ---------------------------------------------------------------
+
+    expand_dims = _with_attr("expand_dims", "axis", "x with new size-1 axes at positions axis.")
+    squeeze = _with_attr("squeeze", "axis", "x without size-1 axes (the given ones, or all).")
+    concat = _variadic("concat", "The inputs joined along an existing axis.")
+    stack = _variadic("stack", "The inputs (of one shape) joined along a new axis.")
+
+    def flatten(
+        self, x: Operand, start_axis: int = 0, end_axis: int = -1, *, name: str | None = None
+    ) -> Node:
+        """x with axes start_axis..end_axis merged into one (as torch.flatten)."""
+        return self.op("flatten", x, name=name, start_axis=start_axis, end_axis=end_axis)
+
+    def slice(
+        self,
+        x: Operand,
+        starts: Sequence[int],
+        stops: Sequence[int],
+        steps: Sequence[int] | None = None,
+        axes: Sequence[int] | None = None,
+        *,
+        name: str | None = None,
+    ) -> Node:
+        """x[start:stop:step] along `axes` (default 0, 1, ...), numpy semantics."""
+        return self.op(
+            "slice",
+            x,
+            name=name,
+            starts=list(starts),
+            stops=list(stops),
+            steps=None if steps is None else list(steps),
+            axes=None if axes is None else list(axes),
+        )
+
+    def unslice(
+        self,
+        x: Operand,
+        shape: Sequence[int],
+        starts: Sequence[int],
+        stops: Sequence[int],
+        steps: Sequence[int] | None = None,
+        axes: Sequence[int] | None = None,
+        *,
+        name: str | None = None,
+    ) -> Node:
+        """Zeros of `shape` with x written into the slice (the adjoint of slice)."""
+        return self.op(
+            "unslice",
+            x,
+            name=name,
+            shape=list(shape),
+            starts=list(starts),
+            stops=list(stops),
+            steps=None if steps is None else list(steps),
+            axes=None if axes is None else list(axes),
+        )
+
+    def pad(
+        self, x: Operand, pads: Sequence[int], value: float = 0.0, *, name: str | None = None
+    ) -> Node:
+        """x padded with `value`; pads holds (before, after) for each axis, flattened."""
+        return self.op("pad", x, name=name, pads=list(pads), value=float(value))
+
+    def take(self, x: Operand, indices: Operand, axis: int = 0, *, name: str | None = None) -> Node:
+        """Elements of x at integer indices along an axis (numpy.take)."""
+        return self.op("take", x, indices, name=name, axis=axis)
+
+    def scatter_add(
+        self,
+        updates: Operand,
+        indices: Operand,
+        shape: Sequence[int],
+        axis: int = 0,
+        *,
+        name: str | None = None,
+    ) -> Node:
+        """Zeros of `shape` with updates added at indices along an axis (the adjoint of take)."""
+        return self.op("scatter_add", updates, indices, name=name, shape=list(shape), axis=axis)
+
+    def one_hot(
+        self, indices: Operand, depth: int, dtype: str = "float64", *, name: str | None = None
+    ) -> Node:
+        """A new last axis of size depth: 1 at each index, 0 elsewhere."""
+        return self.op("one_hot", indices, name=name, depth=depth, dtype=np.dtype(dtype).name)
+
+    # -- elementwise with parameters ------------------------------------------------------
+
+    def leaky_relu(self, x: Operand, alpha: float = 0.01, *, name: str | None = None) -> Node:
+        """x where x > 0, alpha * x elsewhere."""
+        return self.op("leaky_relu", x, name=name, alpha=float(alpha))
+
+    def clip(
+        self,
+        x: Operand,
+        min: float | None = None,
+        max: float | None = None,
+        *,
+        name: str | None = None,
+    ) -> Node:
+        """x limited to [min, max] (gradient 0 outside)."""
+        return self.op(
+            "clip",
+            x,
+            name=name,
+            min=None if min is None else float(min),
+            max=None if max is None else float(max),
+        )
+
+    # -- neural networks ------------------------------------------------------------------
+
+    def softmax(self, x: Operand, axis: int = -1, *, name: str | None = None) -> Node:
+        """Softmax along an axis, stable for large logits."""
+        return self.op("softmax", x, name=name, axis=axis)
+
+    def log_softmax(self, x: Operand, axis: int = -1, *, name: str | None = None) -> Node:
+        """Log-softmax along an axis, stable for large logits."""
+        return self.op("log_softmax", x, name=name, axis=axis)
+
+    def cross_entropy(
+        self, logits: Operand, labels: Operand, reduction: str = "mean", *, name: str | None = None
+    ) -> Node:
+        """Softmax cross-entropy of logits (..., classes) with int labels; mean, sum or none."""
+        return self.op("cross_entropy", logits, labels, name=name, reduction=reduction)
+
+    def conv2d(
+        self,
+        x: Operand,
+        w: Operand,
+        stride: int | Sequence[int] = 1,
+        padding: int | Sequence[int] = 0,
+        dilation: int | Sequence[int] = 1,
+        *,
+        name: str | None = None,
+    ) -> Node:
+        """2-D cross-correlation of NCHW x with OIHW w (add a bias with +)."""
+        return self.op(
+            "conv2d",
+            x,
+            w,
+            name=name,
+            stride=_pair(stride),
+            padding=_pair(padding),
+            dilation=_pair(dilation),
+        )
+
+    def conv2d_input_grad(
+        self,
+        g: Operand,
+        w: Operand,
+        input_shape: Sequence[int],
+        stride: int | Sequence[int] = 1,
+        padding: int | Sequence[int] = 0,
+        dilation: int | Sequence[int] = 1,
+        *,
+        name: str | None = None,
+    ) -> Node:
+        """Gradient of conv2d with respect to its input (a transposed convolution)."""
+        return self.op(
+            "conv2d_input_grad",
+            g,
+            w,
+            name=name,
+            input_shape=list(input_shape),
+            stride=_pair(stride),
+            padding=_pair(padding),
+            dilation=_pair(dilation),
+        )
+
+    def conv2d_weight_grad(
+        self,
+        x: Operand,
+        g: Operand,
+        weight_shape: Sequence[int],
+        stride: int | Sequence[int] = 1,
+        padding: int | Sequence[int] = 0,
+        dilation: int | Sequence[int] = 1,
+        *,
+        name: str | None = None,
+    ) -> Node:
+        """Gradient of conv2d with respect to its weight."""
+        return self.op(
+            "conv2d_weight_grad",
+            x,
+            g,
+            name=name,
+            weight_shape=list(weight_shape),
+            stride=_pair(stride),
+            padding=_pair(padding),
+            dilation=_pair(dilation),
+        )
+
+    def avg_pool2d_grad(
+        self,
+        g: Operand,
+        input_shape: Sequence[int],
+        kernel: int | Sequence[int],
+        stride: int | Sequence[int] | None = None,
+        padding: int | Sequence[int] = 0,
+        *,
+        name: str | None = None,
+    ) -> Node:
+        """Gradient of avg_pool2d with respect to its input."""
+        return self.op(
+            "avg_pool2d_grad",
+            g,
+            name=name,
+            input_shape=list(input_shape),
+            kernel=_pair(kernel),
+            stride=_pair(stride),
+            padding=_pair(padding),
+        )
+
+    def max_pool2d_grad(
+        self,
+        x: Operand,
+        g: Operand,
+        kernel: int | Sequence[int],
+        stride: int | Sequence[int] | None = None,
+        padding: int | Sequence[int] = 0,
+        *,
+        name: str | None = None,
+    ) -> Node:
+        """Gradient of max_pool2d with respect to its input x, given the output gradient g."""
+        return self.op(
+            "max_pool2d_grad",
+            x,
+            g,
+            name=name,
+            kernel=_pair(kernel),
+            stride=_pair(stride),
+            padding=_pair(padding),
+        )
+
+    def max_pool2d_gather(
+        self,
+        x: Operand,
+        u: Operand,
+        kernel: int | Sequence[int],
+        stride: int | Sequence[int] | None = None,
+        padding: int | Sequence[int] = 0,
+        *,
+        name: str | None = None,
+    ) -> Node:
+        """The adjoint of max_pool2d_grad in its gradient operand."""
+        return self.op(
+            "max_pool2d_gather",
+            x,
+            u,
+            name=name,
+            kernel=_pair(kernel),
+            stride=_pair(stride),
+            padding=_pair(padding),
+        )
+
+    max_pool2d = _pool("max_pool2d", "Maximum over 2-D windows of NCHW x (ties share).")
+    avg_pool2d = _pool("avg_pool2d", "Average over 2-D windows of NCHW x (padding counts as 0).")
 
     reshape = _with_attr("reshape", "shape", "x with a new shape (one entry may be -1).")
     transpose = _with_attr("transpose", "axes", "x with axes permuted (reversed by default).")

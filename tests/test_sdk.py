@@ -1,0 +1,101 @@
+"""The SDK's graph builder: one method per op, operators, constants, names."""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import pytest
+
+from gradient_client import Graph, GradientError
+from gradient_server.ops import OPS
+
+
+def test_every_server_op_has_a_builder_method_with_a_docstring():
+    for name in OPS:
+        method = getattr(Graph, name, None)
+        assert callable(method), f"Graph has no method for op {name!r}"
+        assert inspect.getdoc(method), f"Graph.{name} has no docstring"
+
+
+def test_operators_match_numpy(client):
+    g = Graph()
+    a, b = g.input("a"), g.input("b")
+    nodes = {
+        "add": a + b,
+        "radd": 2.0 + a,
+        "sub": a - b,
+        "rsub": 1.0 - a,
+        "mul": a * b,
+        "rmul": 3 * a,
+        "div": a / b,
+        "rdiv": 1.0 / b,
+        "pow": a**2,
+        "rpow": 2.0**a,
+        "neg": -a,
+        "matmul": a @ b,
+        "rmatmul": np.eye(2) @ a,
+    }
+    a_value, b_value = np.array([[1.0, 2.0], [3.0, 4.0]]), np.array([[0.5, -1.0], [2.0, 0.25]])
+    values = client.forward(g, {"a": a_value, "b": b_value}).values
+    expected = {
+        "add": a_value + b_value,
+        "radd": 2.0 + a_value,
+        "sub": a_value - b_value,
+        "rsub": 1.0 - a_value,
+        "mul": a_value * b_value,
+        "rmul": 3 * a_value,
+        "div": a_value / b_value,
+        "rdiv": 1.0 / b_value,
+        "pow": a_value**2,
+        "rpow": 2.0**a_value,
+        "neg": -a_value,
+        "matmul": a_value @ b_value,
+        "rmatmul": a_value,
+    }
+    for key, node in nodes.items():
+        np.testing.assert_allclose(values[node.name], expected[key], rtol=1e-15, err_msg=key)
+
+
+def test_python_numbers_are_weak_and_arrays_are_strong(client):
+    g = Graph()
+    x = g.input("x", dtype="float32")
+    weak = x * 2.5
+    strong = x * np.float64(2.5)
+    values = client.forward(g, {"x": [1.0, 2.0]}).values
+    assert values[weak.name].dtype == np.float32
+    assert values[strong.name].dtype == np.float64
+
+
+def test_generated_names_are_unique_and_given_names_are_kept():
+    g = Graph()
+    x = g.input("x")
+    y = g.exp(x)
+    z = g.exp(y, name="z")
+    assert len({x.name, y.name, z.name}) == 3 and z.name == "z" and g["z"] is z
+    with pytest.raises(ValueError, match="already has a node named 'z'"):
+        g.exp(x, name="z")
+
+
+def test_nodes_of_another_graph_are_refused():
+    a, b = Graph(), Graph()
+    with pytest.raises(ValueError, match="another graph"):
+        a.exp(b.input("x"))
+
+
+def test_from_proto_round_trip():
+    g = Graph()
+    x = g.input("x")
+    g.sum(g.exp(x), axis=0, keepdims=True, name="s")
+    again = Graph.from_proto(g.to_proto())
+    assert again.to_proto() == g.to_proto()
+    assert [n.name for n in again.nodes] == [n.name for n in g.nodes]
+
+
+def test_errors_carry_code_and_details(client):
+    g = Graph()
+    g.op("no_such_op", g.input("x"), name="bad")
+    with pytest.raises(GradientError) as caught:
+        client.forward(g, {"x": 1.0})
+    assert caught.value.code.name == "INVALID_ARGUMENT"
+    assert "'bad'" in caught.value.details and "no_such_op" in caught.value.details
