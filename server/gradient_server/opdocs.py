@@ -17,6 +17,8 @@ def _attr(spec) -> str:
         shown = "none"
     elif isinstance(default, bool):
         shown = str(default).lower()
+    elif isinstance(default, tuple):
+        shown = str(list(default)) if len(default) > 1 else str(default[0])
     else:
         shown = str(getattr(default, "name", default))
     return f"`{spec.name}`={shown}"
@@ -43,5 +45,19 @@ def section() -> str:
     return f"{BEGIN}\n{markdown_table()}\n{END}"
 
 
+def update(path: str) -> None:
+    """Rewrite the op table between its markers in the file at `path`."""
+    with open(path, encoding="utf-8") as file:
+        text = file.read()
+    start, end = text.index(BEGIN), text.index(END) + len(END)
+    with open(path, "w", encoding="utf-8") as file:
+        file.write(text[:start] + section() + text[end:])
+
+
 if __name__ == "__main__":
-    print(section())
+    import sys
+
+    if sys.argv[1:2] == ["--update"]:
+        update(sys.argv[2])
+    else:
+        print(section())
