@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,7 @@ __all__ = [
     "ForwardResult",
     "GradientCheckReport",
     "GradientClient",
+    "GradientGraphResult",
     "GradientResult",
     "NodeCheck",
     "OpAttr",
@@ -77,6 +79,21 @@ class GradientCheckReport:
     eps: float
     atol: float
     rtol: float
+
+
+@dataclass(frozen=True)
+class GradientGraphResult:
+    """The backward pass as a graph.
+
+    `graph` is a gradient.v1.Graph holding the forward and backward nodes; `gradients` maps
+    each requested node to the node of `graph` holding its gradient; `seed` names the input
+    node that takes the output's upstream gradient (feed ones for a plain gradient).
+    """
+
+    graph: Any
+    gradients: dict[str, str]
+    seed: str
+    skipped: dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -184,6 +201,56 @@ def _check_report(response: service_pb2.CheckGradientResponse) -> GradientCheckR
         atol=response.atol,
         rtol=response.rtol,
     )
+
+
+def _hvp_request(graph, output, inputs, vector) -> service_pb2.HessianVectorProductRequest:
+    return service_pb2.HessianVectorProductRequest(
+        graph=_graph_message(graph),
+        inputs=_feeds(graph, inputs),
+        output=_name(output),
+        vector={_name(k): to_proto(np.asarray(v, dtype=float)) for k, v in (vector or {}).items()},
+    )
+
+
+def _gradient_graph_request(graph, output, inputs, wrt) -> service_pb2.GradientGraphRequest:
+    return service_pb2.GradientGraphRequest(
+        graph=_graph_message(graph),
+        inputs=_feeds(graph, inputs),
+        output=_name(output),
+        wrt=_names(wrt),
+    )
+
+
+def _gradient_graph_result(response: service_pb2.GradientGraphResponse) -> GradientGraphResult:
+    return GradientGraphResult(
+        graph=response.graph,
+        gradients=dict(response.gradients),
+        seed=response.seed,
+        skipped={s.name: s.reason for s in response.skipped},
+    )
+
+
+def _hessian_from_products(
+    wrt: list[str], shapes: dict[str, tuple[int, ...]], columns: list[dict[str, np.ndarray]]
+) -> np.ndarray:
+    """Assemble H from H·e_k for each basis vector e_k of the flattened, concatenated `wrt`."""
+    matrix = np.stack(
+        [np.concatenate([column[name].reshape(-1) for name in wrt]) for column in columns], axis=1
+    )
+    if len(wrt) == 1:
+        shape = shapes[wrt[0]]
+        return matrix.reshape(shape + shape)
+    return matrix
+
+
+def _basis(wrt: list[str], shapes: dict[str, tuple[int, ...]]):
+    """The basis vectors e_k over the flattened, concatenated `wrt`, as vector dicts."""
+    for name in wrt:
+        size = int(np.prod(shapes[name], dtype=np.int64))
+        for k in range(size):
+            direction = np.zeros(size)
+            direction[k] = 1.0
+            yield {name: direction.reshape(shapes[name])}
 
 
 def _forward_result(response: service_pb2.ForwardResponse) -> ForwardResult:
@@ -328,6 +395,66 @@ class GradientClient:
         )
         return _check_report(self._call(self._stub.CheckGradient, request, timeout))
 
+    def gradient_graph(
+        self,
+        graph: GraphLike,
+        output: NodeLike,
+        inputs: Mapping[str, Any] | None = None,
+        wrt: Sequence[NodeLike] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> GradientGraphResult:
+        """The backward pass as a graph, specialised to the inputs' dtypes and shapes.
+
+        Forward on the returned graph (feeding `seed` with ones) gives the same gradients as
+        gradient(), bit for bit; gradient() on it, with a gradient node as the output, gives
+        second derivatives.
+        """
+        request = _gradient_graph_request(graph, output, inputs, wrt)
+        return _gradient_graph_result(self._call(self._stub.GradientGraph, request, timeout))
+
+    def hvp(
+        self,
+        graph: GraphLike,
+        output: NodeLike,
+        inputs: Mapping[str, Any],
+        vector: Mapping[str, Any],
+        *,
+        timeout: float | None = None,
+    ) -> dict[str, np.ndarray]:
+        """The Hessian-vector product H·v of a scalar output over the float inputs.
+
+        `vector` maps input names to arrays of their shapes (missing ones count as zero);
+        the result maps each float input to its part of H·v. Computed exactly, by
+        reverse-over-reverse differentiation on the server.
+        """
+        request = _hvp_request(graph, output, inputs, vector)
+        response = self._call(self._stub.HessianVectorProduct, request, timeout)
+        return _decode_all(response.products)
+
+    def hessian(
+        self,
+        graph: GraphLike,
+        output: NodeLike,
+        inputs: Mapping[str, Any],
+        wrt: Sequence[NodeLike],
+        *,
+        timeout: float | None = None,
+    ) -> np.ndarray:
+        """The full Hessian of a scalar output with respect to the inputs `wrt` (small ones!).
+
+        One Hessian-vector product per element: O(n) calls for n elements in all. With one
+        input of shape s the result has shape s + s; with several, it is the (n, n) matrix over
+        their flattened values concatenated in `wrt` order.
+        """
+        names = _names(wrt)
+        shapes = {name: np.shape(inputs[name]) for name in names}
+        columns = [
+            self.hvp(graph, output, inputs, direction, timeout=timeout)
+            for direction in _basis(names, shapes)
+        ]
+        return _hessian_from_products(names, shapes, columns)
+
     def list_ops(self, *, timeout: float | None = None) -> list[OpInfo]:
         """Every op the server knows."""
         response = self._call(self._stub.ListOps, service_pb2.ListOpsRequest(), timeout)
@@ -418,6 +545,53 @@ class AsyncGradientClient:
             graph, output, inputs, wrt, seed, eps, atol, rtol, max_elements, directions, random_seed
         )
         return _check_report(await self._call(self._stub.CheckGradient, request, timeout))
+
+    async def gradient_graph(
+        self,
+        graph: GraphLike,
+        output: NodeLike,
+        inputs: Mapping[str, Any] | None = None,
+        wrt: Sequence[NodeLike] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> GradientGraphResult:
+        """See GradientClient.gradient_graph."""
+        request = _gradient_graph_request(graph, output, inputs, wrt)
+        return _gradient_graph_result(await self._call(self._stub.GradientGraph, request, timeout))
+
+    async def hvp(
+        self,
+        graph: GraphLike,
+        output: NodeLike,
+        inputs: Mapping[str, Any],
+        vector: Mapping[str, Any],
+        *,
+        timeout: float | None = None,
+    ) -> dict[str, np.ndarray]:
+        """See GradientClient.hvp."""
+        request = _hvp_request(graph, output, inputs, vector)
+        response = await self._call(self._stub.HessianVectorProduct, request, timeout)
+        return _decode_all(response.products)
+
+    async def hessian(
+        self,
+        graph: GraphLike,
+        output: NodeLike,
+        inputs: Mapping[str, Any],
+        wrt: Sequence[NodeLike],
+        *,
+        timeout: float | None = None,
+    ) -> np.ndarray:
+        """See GradientClient.hessian (the products are requested concurrently)."""
+        names = _names(wrt)
+        shapes = {name: np.shape(inputs[name]) for name in names}
+        columns = await asyncio.gather(
+            *(
+                self.hvp(graph, output, inputs, direction, timeout=timeout)
+                for direction in _basis(names, shapes)
+            )
+        )
+        return _hessian_from_products(names, shapes, list(columns))
 
     async def list_ops(self, *, timeout: float | None = None) -> list[OpInfo]:
         """See GradientClient.list_ops."""

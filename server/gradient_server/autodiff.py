@@ -39,9 +39,9 @@ class GradientGraph:
 class _Builder:
     """Emits typed nodes under fresh names (the Emitter that gradient rules see)."""
 
-    def __init__(self, taken: Iterable[str], types: dict[str, TensorType]):
+    def __init__(self, taken: Iterable[str], types: dict[str, TensorType], stem: str = "grad"):
         taken = set(taken)
-        prefix = "grad"
+        prefix = stem
         while any(name.startswith(prefix + "/") for name in taken):
             prefix += "_"
         self.prefix = prefix
@@ -62,6 +62,14 @@ class _Builder:
         self.nodes.append(node)
         self.types[node.name] = node_type
         return Ref(node.name, node_type)
+
+    def input(self, stem: str, dtype: np.dtype, shape: tuple[int, ...]) -> Ref:
+        """A new input node declaring its (strong) dtype and shape."""
+        attrs = {"dtype": dtype, "shape": shape}
+        node = make_node(self.fresh_name(stem), "input", (), attrs)
+        self.nodes.append(node)
+        self.types[node.name] = TensorType(dtype, shape)
+        return Ref(node.name, self.types[node.name])
 
     def op(self, op: str, *inputs: Ref | float, **attrs: Any) -> Ref:
         names = [self._operand(x).name for x in inputs]
@@ -99,7 +107,7 @@ def gradient_graph(
     all_types = dict(types)
     builder = _Builder(graph.nodes, all_types)
     out_type = types[output]
-    seed = _seed(builder, out_type)
+    seed = builder.input("seed", out_type.dtype, out_type.shape)
 
     forward = [node for name, node in graph.nodes.items() if name in types]
     upstream = graph.ancestors([output])
@@ -162,16 +170,6 @@ def gradient_graph(
     return GradientGraph(combined, kept_types, result_names, skipped, seed.name)
 
 
-def _seed(builder: _Builder, out_type: TensorType) -> Ref:
-    """The input node that takes the upstream gradient of the output."""
-    attrs = {"dtype": out_type.dtype, "shape": out_type.shape}
-    node = make_node(builder.fresh_name("seed"), "input", (), attrs)
-    builder.nodes.append(node)
-    seed_type = TensorType(out_type.dtype, out_type.shape)
-    builder.types[node.name] = seed_type
-    return Ref(node.name, seed_type)
-
-
 def _fit(builder: _Builder, gradient: Ref, target: TensorType) -> Ref:
     """Sum a gradient to its node's shape (undoing broadcasting) and cast it to its dtype."""
     if gradient.shape != target.shape:
@@ -179,3 +177,35 @@ def _fit(builder: _Builder, gradient: Ref, target: TensorType) -> Ref:
     if gradient.dtype != target.dtype:
         gradient = builder.op("cast", gradient, dtype=target.dtype)
     return gradient
+
+
+@dataclass(frozen=True)
+class DirectionalGraph:
+    """A gradient graph extended with sum_i <gradient_i, v_i> over direction inputs v_i.
+
+    `vectors` maps each differentiated input to the input node taking its direction, and
+    `output` names the scalar; its gradient is a Hessian-vector product.
+    """
+
+    graph: Graph
+    types: dict[str, TensorType]
+    output: str
+    vectors: dict[str, str]
+
+
+def directional_derivative(combined: GradientGraph, names: Iterable[str]) -> DirectionalGraph:
+    """Extend a gradient graph with the dot product of the gradients of `names` with new inputs."""
+    types = dict(combined.types)
+    builder = _Builder(combined.graph.nodes, types, stem="hvp")
+    vectors: dict[str, str] = {}
+    total: Ref | None = None
+    for name in names:
+        gradient = Ref(combined.gradients[name], types[combined.gradients[name]])
+        direction = builder.input(f"v_{name}", gradient.dtype, gradient.shape)
+        vectors[name] = direction.name
+        term = builder.op("sum", builder.op("mul", gradient, direction))
+        total = term if total is None else builder.op("add", total, term)
+    assert total is not None, "a directional derivative needs at least one direction"
+    graph = Graph([*combined.graph.nodes.values(), *builder.nodes])
+    graph.digest = f"{combined.graph.digest}/directional"
+    return DirectionalGraph(graph, types, total.name, vectors)

@@ -12,7 +12,7 @@ import numpy as np
 
 from gradient.v1 import graph_pb2
 
-from .autodiff import gradient_graph
+from .autodiff import GradientGraph, directional_derivative, gradient_graph
 from .errors import GraphError, LimitExceeded
 from .executor import Plan
 from .ir import Graph, decode_graph, graph_digest, infer_types
@@ -71,10 +71,17 @@ class GradientResult:
 @dataclass(frozen=True)
 class _GradientPlan:
     plan: Plan
+    combined: GradientGraph
+    output_type: TensorType
+
+
+@dataclass(frozen=True)
+class _HvpPlan:
+    plan: Plan
+    first_seed: str
+    vectors: dict[str, str]  # input name -> node taking its direction
+    second_seed: str
     gradients: dict[str, str]
-    skipped: dict[str, str]
-    seed: str
-    seed_type: TensorType
 
 
 def _names(graph: Graph, names: Sequence[str], what: str) -> list[str]:
@@ -166,6 +173,44 @@ class Engine:
 
     # -- Gradient -------------------------------------------------------------------------
 
+    def _compile_gradient(
+        self,
+        graph: Graph,
+        feed_types: Mapping[str, TensorType],
+        output: str,
+        wrt: Sequence[str],
+        fetch: Sequence[str],
+    ) -> _GradientPlan:
+        """The gradient graph of `output` and the plan computing it, cached."""
+        if not output:
+            raise GraphError("no output was named: say which node to differentiate")
+        _names(graph, [output], "output")
+        key = (
+            "gradient",
+            graph.digest,
+            self._signature(feed_types),
+            output,
+            tuple(wrt),
+            tuple(fetch),
+        )
+
+        def compile_plan() -> _GradientPlan:
+            types = infer_types(graph, feed_types, graph.ancestors([output, *wrt, *fetch]))
+            out_type = types[output]
+            if not out_type.is_float:
+                raise GraphError(
+                    f"output {graph[output].describe()} is {out_type.dtype.name}, which is not "
+                    "differentiable; differentiate a float32 or float64 node"
+                )
+            combined = gradient_graph(graph, types, output, wrt)
+            plan = Plan(combined.graph, combined.types, {*fetch, *combined.gradients.values()})
+            self._check_plan(plan, combined.types)
+            return _GradientPlan(plan, combined, out_type)
+
+        compiled = self._plans.get_or_make(key, compile_plan)
+        assert isinstance(compiled, _GradientPlan)
+        return compiled
+
     def gradient(
         self,
         graph: Graph,
@@ -177,48 +222,89 @@ class Engine:
         check_deadline: Callable[[], None] = _never,
     ) -> GradientResult:
         """Values of `fetch` and gradients of `output` with respect to `wrt` (all when empty)."""
-        if not output:
-            raise GraphError("no output was named: say which node to differentiate")
-        _names(graph, [output], "output")
         wrt_names = _names(graph, wrt, "wrt")
         fetch_names = _names(graph, fetch, "fetch")
         feed_types = self._feed_types(graph, feeds)
-        key = (
-            "gradient",
-            graph.digest,
-            self._signature(feed_types),
-            output,
-            tuple(wrt_names),
-            tuple(fetch_names),
-        )
-
-        def compile_plan() -> _GradientPlan:
-            needed = graph.ancestors([output, *wrt_names, *fetch_names])
-            types = infer_types(graph, feed_types, needed)
-            out_type = types[output]
-            if not out_type.is_float:
-                node = graph[output]
-                raise GraphError(
-                    f"output {node.describe()} is {out_type.dtype.name}, which is not "
-                    "differentiable; differentiate a float32 or float64 node"
-                )
-            combined = gradient_graph(graph, types, output, wrt_names)
-            fetch_all = {*fetch_names, *combined.gradients.values()}
-            plan = Plan(combined.graph, combined.types, fetch_all)
-            self._check_plan(plan, combined.types)
-            return _GradientPlan(
-                plan, combined.gradients, combined.skipped, combined.seed, out_type
-            )
-
-        compiled = self._plans.get_or_make(key, compile_plan)
-        assert isinstance(compiled, _GradientPlan)
-        seed_value = self._seed_value(graph, output, compiled.seed_type, seed)
-        values = compiled.plan.run({**feeds, compiled.seed: seed_value}, check_deadline)
+        compiled = self._compile_gradient(graph, feed_types, output, wrt_names, fetch_names)
+        combined = compiled.combined
+        seed_value = self._seed_value(graph, output, compiled.output_type, seed)
+        values = compiled.plan.run({**feeds, combined.seed: seed_value}, check_deadline)
         return GradientResult(
             values={name: values[name] for name in fetch_names},
-            gradients={name: values[grad] for name, grad in compiled.gradients.items()},
-            skipped=dict(compiled.skipped),
+            gradients={name: values[grad] for name, grad in combined.gradients.items()},
+            skipped=dict(combined.skipped),
         )
+
+    def gradient_graph(
+        self,
+        graph: Graph,
+        feeds: Mapping[str, np.ndarray],
+        output: str,
+        wrt: Sequence[str] = (),
+    ) -> GradientGraph:
+        """The forward-and-backward graph of `output` for `wrt`, typed by the feeds."""
+        wrt_names = _names(graph, wrt, "wrt")
+        feed_types = self._feed_types(graph, feeds)
+        return self._compile_gradient(graph, feed_types, output, wrt_names, ()).combined
+
+    # -- Hessian-vector products ----------------------------------------------------------
+
+    def hvp(
+        self,
+        graph: Graph,
+        feeds: Mapping[str, np.ndarray],
+        output: str,
+        vector: Mapping[str, np.ndarray],
+        check_deadline: Callable[[], None] = _never,
+    ) -> dict[str, np.ndarray]:
+        """H·v for a scalar output, H the Hessian over the float inputs, by reverse over reverse.
+
+        `vector` maps input names to arrays of their shapes (missing inputs count as zero).
+        Returns H·v restricted to each float input.
+        """
+        feed_types = self._feed_types(graph, feeds)
+        variables = sorted(name for name, t in feed_types.items() if t.is_float)
+        for name, value in vector.items():
+            if name not in variables:
+                raise GraphError(f"vector names {name!r}, which is not a float input of the graph")
+            if value.shape != feed_types[name].shape or value.dtype.kind != "f":
+                raise GraphError(
+                    f"vector for {name!r} must be a float tensor of shape "
+                    f"{list(feed_types[name].shape)}, got {value.dtype.name}{list(value.shape)}"
+                )
+        directions = sorted(vector)
+        first = self._compile_gradient(graph, feed_types, output, variables, ())
+        if first.output_type.size != 1:
+            raise GraphError(
+                f"output {graph[output].describe()} has shape {list(first.output_type.shape)}; "
+                "a Hessian-vector product needs an output with one element"
+            )
+        if not directions:
+            return {
+                name: np.zeros(t.shape, t.dtype) for name, t in feed_types.items() if t.is_float
+            }
+        key = ("hvp", graph.digest, self._signature(feed_types), output, tuple(directions))
+
+        def compile_plan() -> _HvpPlan:
+            combined = first.combined
+            dotted = directional_derivative(combined, directions)
+            second = gradient_graph(dotted.graph, dotted.types, dotted.output, variables)
+            plan = Plan(second.graph, second.types, set(second.gradients.values()))
+            self._check_plan(plan, second.types)
+            return _HvpPlan(plan, combined.seed, dotted.vectors, second.seed, second.gradients)
+
+        compiled = self._plans.get_or_make(key, compile_plan)
+        assert isinstance(compiled, _HvpPlan)
+        out_type = first.output_type
+        run_feeds = {
+            **feeds,
+            compiled.first_seed: np.ones(out_type.shape, out_type.dtype),
+            compiled.second_seed: np.ones((), out_type.dtype),
+        }
+        for name, node in compiled.vectors.items():
+            run_feeds[node] = vector[name].astype(feed_types[name].dtype, copy=False)
+        values = compiled.plan.run(run_feeds, check_deadline)
+        return {name: values[grad] for name, grad in compiled.gradients.items()}
 
     @staticmethod
     def _seed_value(

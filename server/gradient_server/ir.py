@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from gradient.v1 import graph_pb2
-from gradient_client.tensors import TensorFormatError, dtype_from_name, from_proto
+from gradient_client.tensors import TensorFormatError, dtype_from_name, from_proto, to_proto
 
 from .errors import GraphError
 from .ops import OPS, AttrSpec, OpDef, ShapeError
@@ -233,6 +233,40 @@ def _describe_cycle(nodes: Mapping[str, Node], stuck: set[str]) -> str:
     cycle = path[position[name] :]
     loop = " <- ".join(repr(n) for n in [*cycle, cycle[0]])
     return f"node {cycle[0]!r} (op {nodes[cycle[0]].op}) is on a cycle: {loop}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding
+
+
+def _encode_attr(kind: str, value: Any) -> graph_pb2.AttrValue:
+    if kind in ("ints", "axes"):
+        return graph_pb2.AttrValue(ints=graph_pb2.IntList(values=list(value)))
+    if kind == "floats":
+        return graph_pb2.AttrValue(floats=graph_pb2.FloatList(values=list(value)))
+    if kind == "tensor":
+        return graph_pb2.AttrValue(tensor=to_proto(value))
+    if kind == "dtype":
+        return graph_pb2.AttrValue(s=value.name)
+    field = {"int": "i", "float": "f", "string": "s", "bool": "b"}[kind]
+    return graph_pb2.AttrValue(**{field: value})
+
+
+def encode_graph(graph: Graph) -> graph_pb2.Graph:
+    """The graph as a message (attributes that are unset or at their default are omitted)."""
+    message = graph_pb2.Graph()
+    for node in graph.nodes.values():
+        entry = message.nodes.add(name=node.name, op=node.op, inputs=node.inputs)
+        for spec in node.opdef.attrs:
+            value = node.attrs[spec.name]
+            if value is None:
+                continue
+            default = spec.default
+            if default is not REQUIRED and default is not None and spec.kind != "tensor":
+                if value == _canonical(spec.kind, default):
+                    continue
+            entry.attrs[spec.name].CopyFrom(_encode_attr(spec.kind, value))
+    return message
 
 
 # ---------------------------------------------------------------------------------------------

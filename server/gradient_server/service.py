@@ -21,6 +21,7 @@ from gradient_client.tensors import TensorFormatError, from_proto, to_proto
 from .engine import Engine, Limits
 from .errors import DeadlineExceeded, GraphError, LimitExceeded
 from .gradcheck import CheckSettings, check_gradient
+from .ir import encode_graph
 from .ops import OPS, AttrSpec, OpDef
 from .ops.base import REQUIRED
 
@@ -144,6 +145,39 @@ class GradientServicer(service_grpc.GradientServiceServicer):
             )
 
         return self._handle("CheckGradient", context, work)
+
+    def GradientGraph(self, request, context):
+        def work(check: Callable[[], None]):
+            graph = self.engine.load_graph(request.graph)
+            combined = self.engine.gradient_graph(
+                graph, _decode_feeds(request.inputs), request.output, list(request.wrt)
+            )
+            return service_pb2.GradientGraphResponse(
+                graph=encode_graph(combined.graph),
+                gradients=combined.gradients,
+                seed=combined.seed,
+                skipped=_skipped(combined.skipped),
+            )
+
+        return self._handle("GradientGraph", context, work)
+
+    def HessianVectorProduct(self, request, context):
+        def work(check: Callable[[], None]):
+            graph = self.engine.load_graph(request.graph)
+            vector = {}
+            for name, tensor in request.vector.items():
+                try:
+                    vector[name] = from_proto(tensor)
+                except TensorFormatError as e:
+                    raise GraphError(f"vector {name!r}: {e}") from None
+            products = self.engine.hvp(
+                graph, _decode_feeds(request.inputs), request.output, vector, check
+            )
+            return service_pb2.HessianVectorProductResponse(
+                products=_encode(products, request.response_payload)
+            )
+
+        return self._handle("HessianVectorProduct", context, work)
 
     def ListOps(self, request, context):
         return self._handle("ListOps", context, lambda check: self._ops)

@@ -213,3 +213,82 @@ class CheckGradientResponse(_message.Message):
     atol: float
     rtol: float
     def __init__(self, passed: _Optional[bool] = ..., nodes: _Optional[_Iterable[_Union[NodeGradientCheck, _Mapping]]] = ..., skipped: _Optional[_Iterable[_Union[SkippedNode, _Mapping]]] = ..., eps: _Optional[float] = ..., atol: _Optional[float] = ..., rtol: _Optional[float] = ...) -> None: ...
+
+class GradientGraphRequest(_message.Message):
+    __slots__ = ("graph", "inputs", "output", "wrt")
+    class InputsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    GRAPH_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    WRT_FIELD_NUMBER: _ClassVar[int]
+    graph: _graph_pb2.Graph
+    inputs: _containers.MessageMap[str, _tensor_pb2.Tensor]
+    output: str
+    wrt: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., inputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., output: _Optional[str] = ..., wrt: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class GradientGraphResponse(_message.Message):
+    __slots__ = ("graph", "gradients", "seed", "skipped")
+    class GradientsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    GRAPH_FIELD_NUMBER: _ClassVar[int]
+    GRADIENTS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    graph: _graph_pb2.Graph
+    gradients: _containers.ScalarMap[str, str]
+    seed: str
+    skipped: _containers.RepeatedCompositeFieldContainer[SkippedNode]
+    def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., gradients: _Optional[_Mapping[str, str]] = ..., seed: _Optional[str] = ..., skipped: _Optional[_Iterable[_Union[SkippedNode, _Mapping]]] = ...) -> None: ...
+
+class HessianVectorProductRequest(_message.Message):
+    __slots__ = ("graph", "inputs", "output", "vector", "response_payload")
+    class InputsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    class VectorEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    GRAPH_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    graph: _graph_pb2.Graph
+    inputs: _containers.MessageMap[str, _tensor_pb2.Tensor]
+    output: str
+    vector: _containers.MessageMap[str, _tensor_pb2.Tensor]
+    response_payload: PayloadForm
+    def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., inputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., output: _Optional[str] = ..., vector: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., response_payload: _Optional[_Union[PayloadForm, str]] = ...) -> None: ...
+
+class HessianVectorProductResponse(_message.Message):
+    __slots__ = ("products",)
+    class ProductsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    PRODUCTS_FIELD_NUMBER: _ClassVar[int]
+    products: _containers.MessageMap[str, _tensor_pb2.Tensor]
+    def __init__(self, products: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ...) -> None: ...

@@ -62,6 +62,16 @@ class GradientServiceStub:
                 request_serializer=gradient_dot_v1_dot_gradient__service__pb2.CheckGradientRequest.SerializeToString,
                 response_deserializer=gradient_dot_v1_dot_gradient__service__pb2.CheckGradientResponse.FromString,
                 _registered_method=True)
+        self.GradientGraph = channel.unary_unary(
+                '/gradient.v1.GradientService/GradientGraph',
+                request_serializer=gradient_dot_v1_dot_gradient__service__pb2.GradientGraphRequest.SerializeToString,
+                response_deserializer=gradient_dot_v1_dot_gradient__service__pb2.GradientGraphResponse.FromString,
+                _registered_method=True)
+        self.HessianVectorProduct = channel.unary_unary(
+                '/gradient.v1.GradientService/HessianVectorProduct',
+                request_serializer=gradient_dot_v1_dot_gradient__service__pb2.HessianVectorProductRequest.SerializeToString,
+                response_deserializer=gradient_dot_v1_dot_gradient__service__pb2.HessianVectorProductResponse.FromString,
+                _registered_method=True)
 
 
 class GradientServiceServicer:
@@ -105,6 +115,25 @@ class GradientServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GradientGraph(self, request, context):
+        """Returns the backward pass itself as a graph: the forward nodes plus the
+        nodes computing every requested gradient. Sending it to Forward (feeding
+        the seed input) gives the same gradients as Gradient, bit for bit, and it
+        can be differentiated again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def HessianVectorProduct(self, request, context):
+        """Computes the Hessian-vector product H·v of a scalar output with respect to
+        the float inputs, by reverse-over-reverse differentiation (exact, not
+        finite differences).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GradientServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -127,6 +156,16 @@ def add_GradientServiceServicer_to_server(servicer, server):
                     servicer.CheckGradient,
                     request_deserializer=gradient_dot_v1_dot_gradient__service__pb2.CheckGradientRequest.FromString,
                     response_serializer=gradient_dot_v1_dot_gradient__service__pb2.CheckGradientResponse.SerializeToString,
+            ),
+            'GradientGraph': grpc.unary_unary_rpc_method_handler(
+                    servicer.GradientGraph,
+                    request_deserializer=gradient_dot_v1_dot_gradient__service__pb2.GradientGraphRequest.FromString,
+                    response_serializer=gradient_dot_v1_dot_gradient__service__pb2.GradientGraphResponse.SerializeToString,
+            ),
+            'HessianVectorProduct': grpc.unary_unary_rpc_method_handler(
+                    servicer.HessianVectorProduct,
+                    request_deserializer=gradient_dot_v1_dot_gradient__service__pb2.HessianVectorProductRequest.FromString,
+                    response_serializer=gradient_dot_v1_dot_gradient__service__pb2.HessianVectorProductResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -245,6 +284,60 @@ class GradientService:
             '/gradient.v1.GradientService/CheckGradient',
             gradient_dot_v1_dot_gradient__service__pb2.CheckGradientRequest.SerializeToString,
             gradient_dot_v1_dot_gradient__service__pb2.CheckGradientResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GradientGraph(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradient.v1.GradientService/GradientGraph',
+            gradient_dot_v1_dot_gradient__service__pb2.GradientGraphRequest.SerializeToString,
+            gradient_dot_v1_dot_gradient__service__pb2.GradientGraphResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HessianVectorProduct(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradient.v1.GradientService/HessianVectorProduct',
+            gradient_dot_v1_dot_gradient__service__pb2.HessianVectorProductRequest.SerializeToString,
+            gradient_dot_v1_dot_gradient__service__pb2.HessianVectorProductResponse.FromString,
             options,
             channel_credentials,
             insecure,
