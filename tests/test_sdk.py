@@ -7,7 +7,7 @@ import inspect
 import numpy as np
 import pytest
 
-from gradient_client import Graph, GradientError
+from gradient_client import GradientError, Graph
 from gradient_server.ops import OPS
 
 

@@ -112,9 +112,15 @@ def gradient_graph(
     forward = [node for name, node in graph.nodes.items() if name in types]
     upstream = graph.ancestors([output])
     wanted = {name for name in wrt if types[name].is_float}
+    # Gradients flow only through float nodes: a path through an integer or bool value is
+    # piecewise constant, so it contributes zero.
     active: set[str] = set()
     for node in forward:
-        if node.name in upstream and (node.name in wanted or any(s in active for s in node.inputs)):
+        if (
+            node.name in upstream
+            and types[node.name].is_float
+            and (node.name in wanted or any(s in active for s in node.inputs))
+        ):
             active.add(node.name)
 
     pending: dict[str, list[Ref]] = {output: [seed]} if output in active else {}
