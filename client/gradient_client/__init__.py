@@ -31,3 +31,7 @@ __all__ = [
     "from_proto",
     "to_proto",
 ]
+
+from .drawing import GraphvizError, draw, to_dot
+
+__all__ += ["GraphvizError", "draw", "to_dot"]

@@ -636,3 +636,17 @@ class Graph:
         return self.op(
             "zeros", name=name, shape=[int(d) for d in shape], dtype=np.dtype(dtype).name
         )
+
+    # -- drawing --------------------------------------------------------------------------
+
+    def to_dot(self, result: Any = None) -> str:
+        """Graphviz DOT text of the graph, with values and gradients of `result` if given."""
+        from .drawing import to_dot
+
+        return to_dot(self, result)
+
+    def draw(self, path: Any, result: Any = None, format: str | None = None) -> Any:
+        """Write an SVG, PNG or DOT drawing to `path` (format from the suffix); see to_dot."""
+        from .drawing import draw
+
+        return draw(self, path, result, format)
