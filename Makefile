@@ -28,6 +28,7 @@ test: $(VENV)/.installed-test  ## install everything and run the tests
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 proto: $(VENV)/.installed-test  ## regenerate client/gradient/v1 from protos/
 	$(BIN)/python scripts/generate_protos.py

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import inspect
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -99,3 +102,15 @@ def test_errors_carry_code_and_details(client):
         client.forward(g, {"x": 1.0})
     assert caught.value.code.name == "INVALID_ARGUMENT"
     assert "'bad'" in caught.value.details and "no_such_op" in caught.value.details
+
+
+def test_sdk_type_checks_with_mypy():
+    root = Path(__file__).resolve().parent.parent
+    checked = subprocess.run(
+        [sys.executable, "-m", "mypy", "--config-file", str(root / "pyproject.toml")],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr

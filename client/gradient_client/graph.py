@@ -257,7 +257,7 @@ class Graph:
         self, name: str, dtype: str | None = None, shape: Sequence[int] | None = None
     ) -> Node:
         """A tensor fed per request under `name`; `dtype` and `shape` are checked if given."""
-        attrs = {}
+        attrs: dict[str, Any] = {}
         if dtype is not None:
             attrs["dtype"] = np.dtype(dtype).name
         if shape is not None:

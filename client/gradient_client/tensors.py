@@ -18,14 +18,14 @@ __all__ = [
 ]
 
 # Wire dtype -> little-endian numpy dtype.
-_NUMPY_DTYPE: dict[int, np.dtype] = {
+_NUMPY_DTYPE: dict[tensor_pb2.DType, np.dtype] = {
     tensor_pb2.DTYPE_FLOAT32: np.dtype("<f4"),
     tensor_pb2.DTYPE_FLOAT64: np.dtype("<f8"),
     tensor_pb2.DTYPE_INT32: np.dtype("<i4"),
     tensor_pb2.DTYPE_INT64: np.dtype("<i8"),
     tensor_pb2.DTYPE_BOOL: np.dtype("bool"),
 }
-_WIRE_DTYPE: dict[np.dtype, int] = {dt: wire for wire, dt in _NUMPY_DTYPE.items()}
+_WIRE_DTYPE: dict[np.dtype, tensor_pb2.DType] = {dt: wire for wire, dt in _NUMPY_DTYPE.items()}
 
 #: Short dtype names accepted wherever a dtype is named in text (attributes, the SDK).
 DTYPE_NAMES: dict[str, np.dtype] = {
@@ -62,9 +62,15 @@ def to_proto(value: Any, *, as_lists: bool = False) -> tensor_pb2.Tensor:
         known = ", ".join(DTYPE_NAMES)
         raise TensorFormatError(f"dtype {array.dtype} is not supported (supported: {known})")
     if as_lists:
-        form = {"f": "float_values", "i": "int_values", "b": "bool_values"}[array.dtype.kind]
         values = array.reshape(-1).tolist()
-        return tensor_pb2.Tensor(dtype=wire, shape=array.shape, **{form: values})
+        kind = array.dtype.kind
+        return tensor_pb2.Tensor(
+            dtype=wire,
+            shape=array.shape,
+            float_values=values if kind == "f" else None,
+            int_values=values if kind == "i" else None,
+            bool_values=values if kind == "b" else None,
+        )
     little = array.astype(_NUMPY_DTYPE[wire], copy=False)
     return tensor_pb2.Tensor(dtype=wire, shape=array.shape, data=little.tobytes(order="C"))
 
