@@ -187,6 +187,7 @@ NUMPY: dict[str, Callable[..., np.ndarray]] = {
     "clip": _clip_ref,
     "min": _reduction_ref(np.min),
     "prod": _reduction_ref(np.prod),
+    "prod_others": lambda x, axis=-1: np.prod(x, axis=axis, keepdims=True) / x,
     "logsumexp": _logsumexp_ref,
     "var": lambda x, axis=None, keepdims=False, ddof=0: np.var(
         x, axis=_axes(axis), keepdims=keepdims, ddof=ddof
@@ -370,6 +371,8 @@ OP_ROWS: list[Row] = [
     ),
     *(op_row(op, [()], domain) for op, domain in REDUCTION_DOMAINS.items()),
     *(op_row("matmul", shapes) for shapes in MATMUL_SHAPES),
+    op_row("prod_others", [(4,)], nonzero),
+    op_row("prod_others", [(2, 3, 4)], nonzero, axis=1),
     op_row("transpose", [(2, 3)]),
     op_row("transpose", [(3,)]),
     op_row("transpose", [(2, 3, 4)]),

@@ -134,10 +134,9 @@ def _names(nodes: Iterable[NodeLike] | None) -> list[str]:
 def _feeds(graph: GraphLike, inputs: Mapping[str, Any] | None) -> dict[str, Any]:
     """Encode input values; numbers and lists become arrays (cast to the input's declared dtype)."""
     declared: dict[str, str] = {}
-    if isinstance(graph, Graph):
-        for message in graph.to_proto().nodes:
-            if message.op == "input" and "dtype" in message.attrs:
-                declared[message.name] = message.attrs["dtype"].s
+    for message in _graph_message(graph).nodes:
+        if message.op == "input" and "dtype" in message.attrs:
+            declared[message.name] = message.attrs["dtype"].s
     feeds = {}
     for name, value in (inputs or {}).items():
         key = _name(name)

@@ -81,6 +81,7 @@ class _HvpPlan:
     first_seed: str
     vectors: dict[str, str]  # input name -> node taking its direction
     second_seed: str
+    second_seed_type: TensorType
     gradients: dict[str, str]
 
 
@@ -291,7 +292,10 @@ class Engine:
             second = gradient_graph(dotted.graph, dotted.types, dotted.output, variables)
             plan = Plan(second.graph, second.types, set(second.gradients.values()))
             self._check_plan(plan, second.types)
-            return _HvpPlan(plan, combined.seed, dotted.vectors, second.seed, second.gradients)
+            second_seed_type = second.types[second.seed]
+            return _HvpPlan(
+                plan, combined.seed, dotted.vectors, second.seed, second_seed_type, second.gradients
+            )
 
         compiled = self._plans.get_or_make(key, compile_plan)
         assert isinstance(compiled, _HvpPlan)
@@ -299,7 +303,7 @@ class Engine:
         run_feeds = {
             **feeds,
             compiled.first_seed: np.ones(out_type.shape, out_type.dtype),
-            compiled.second_seed: np.ones((), out_type.dtype),
+            compiled.second_seed: np.ones((), compiled.second_seed_type.dtype),
         }
         for name, node in compiled.vectors.items():
             run_feeds[node] = vector[name].astype(feed_types[name].dtype, copy=False)

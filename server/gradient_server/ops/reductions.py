@@ -123,21 +123,84 @@ _reduction(
 
 
 def _prod_grad(b: Emitter, call: GradCall, g: Ref) -> Ref:
-    # d(prod)/dx_i is the product of the other elements. Dividing out/x_i fails at zeros, so
-    # count the zeros of each reduced slice: with none, it is out/x_i; with one, only the zero
-    # element gets the product of the nonzero ones; with more, everything gets 0.
+    # d(prod)/dx_i is the product of the other elements: prod_others, which is exact at zeros
+    # (no division). Several reduced axes are moved last and flattened into one.
     x = call.inputs[0]
-    axes = list(reduced_axes(call.attrs, len(x.shape)))
-    is_zero = b.equal(x, 0)
-    nonzero = b.where(is_zero, 1, x)
-    nonzero_product = b.prod(nonzero, axis=axes, keepdims=True)
-    zeros = b.sum(b.cast(is_zero, dtype="int64"), axis=axes, keepdims=True)
-    at_zero = b.where(b.equal(zeros, 1), nonzero_product, 0)
-    elsewhere = b.where(b.equal(zeros, 0), b.div(nonzero_product, nonzero), 0)
-    return b.mul(_as_keepdims(b, call, g), b.where(is_zero, at_zero, elsewhere))
+    axes = reduced_axes(call.attrs, len(x.shape))
+    if not axes:
+        return _as_keepdims(b, call, g)
+    if len(axes) == 1:
+        others = b.prod_others(x, axis=axes[0])
+    else:
+        kept = [a for a in range(len(x.shape)) if a not in axes]
+        order = kept + list(axes)
+        moved = b.transpose(x, axes=order)
+        flat = b.reshape(moved, shape=[*moved.shape[: len(kept)], -1])
+        others_flat = b.prod_others(flat, axis=-1)
+        others_moved = b.reshape(others_flat, shape=list(moved.shape))
+        others = b.transpose(others_moved, axes=[int(i) for i in np.argsort(order)])
+    return b.mul(_as_keepdims(b, call, g), others)
 
 
 _reduction("prod", "Product over axes.", np.prod, _accumulating, _prod_grad)
+
+
+def _exclusive_cumprod(x: np.ndarray, axis: int) -> np.ndarray:
+    """Products of the elements before each one along an axis (1 for the first)."""
+    result = np.ones_like(x)
+    into, source = [slice(None)] * x.ndim, [slice(None)] * x.ndim
+    into[axis], source[axis] = slice(1, None), slice(None, -1)
+    result[tuple(into)] = np.cumprod(x, axis=axis)[tuple(source)]
+    return result
+
+
+def _prod_others_forward(call: Call, x: np.ndarray) -> np.ndarray:
+    # Exclusive products from the left times those from the right: exact at zeros, O(n).
+    axis = call.attrs["axis"] % x.ndim
+    x = x.astype(call.type.dtype, copy=False)
+    right = np.flip(_exclusive_cumprod(np.flip(x, axis=axis), axis), axis=axis)
+    return _exclusive_cumprod(x, axis) * right
+
+
+def _prod_others_grad(b: Emitter, call: GradCall, u: Ref):
+    # d(prod_others_k)/dx_i = prod over j not in {i, k} of x_j (0 for i == k). With the axis
+    # moved last, row i of Y = where(eye, 1, x) leaves out x_i, so prod_others(Y)[i, k] is
+    # that product for k != i. Exact at zeros; costs O(n^2) per slice, only at second order.
+    x = call.inputs[0]
+    rank = len(x.shape)
+    axis = call.attrs["axis"] % rank
+    order = [a for a in range(rank) if a != axis] + [axis]
+    moved = x if axis == rank - 1 else b.transpose(x, axes=order)
+    u_moved = u if axis == rank - 1 else b.transpose(u, axes=order)
+    n = x.shape[axis]
+    eye = b.op("constant", value=np.eye(n, dtype=bool))
+    rows = b.broadcast_to(b.expand_dims(moved, axis=[-2]), shape=[*moved.shape[:-1], n, n])
+    leave_one_out = b.prod_others(b.where(eye, 1, rows), axis=-1)
+    mixed = b.where(eye, 0, leave_one_out)
+    result = b.sum(b.mul(b.expand_dims(u_moved, axis=[-1]), mixed), axis=[-2])
+    if axis != rank - 1:
+        result = b.transpose(result, axes=[int(i) for i in np.argsort(order)])
+    return (result,)
+
+
+def _prod_others_infer(attrs, x: TensorType) -> TensorType:
+    if not x.shape or not -len(x.shape) <= attrs["axis"] < len(x.shape):
+        raise ShapeError(f"axis {attrs['axis']} is out of range for rank {len(x.shape)}")
+    return TensorType(_accumulating(x.dtype), x.shape, x.weak)
+
+
+register(
+    OpDef(
+        "prod_others",
+        "For each element, the product of the other elements along an axis (the gradient of "
+        "prod, exact at zeros).",
+        ("x",),
+        _prod_others_infer,
+        _prod_others_forward,
+        _prod_others_grad,
+        attrs=(AttrSpec("axis", "int", -1, "The axis."),),
+    )
+)
 
 
 def _logsumexp(x: np.ndarray, axis, keepdims: bool) -> np.ndarray:
