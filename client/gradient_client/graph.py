@@ -327,6 +327,10 @@ class Graph:
     logsumexp = _reduction("logsumexp", "log(sum(exp(x))) over axes, stable.")
     norm = _reduction("norm", "Euclidean (L2) norm over axes (gradient 0 at the origin).")
 
+    def prod_others(self, x: Operand, axis: int = -1, *, name: str | None = None) -> Node:
+        """For each element, the product of the others along an axis (prod's gradient)."""
+        return self.op("prod_others", x, name=name, axis=axis)
+
     def var(
         self,
         x: Operand,
