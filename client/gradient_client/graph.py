@@ -178,6 +178,18 @@ def _pool(op: str, doc: str) -> Callable[..., Node]:
     return method
 
 
+def _adjoint(op: str, doc: str) -> Callable[..., Node]:
+    def method(self: Graph, *operands: Operand, name: str | None = None, **attrs: Any) -> Node:
+        for key in ("kernel", "stride", "padding", "dilation"):
+            if key in attrs:
+                attrs[key] = _pair(attrs[key])
+        return self.op(op, *operands, name=name, **attrs)
+
+    method.__name__ = method.__qualname__ = op
+    method.__doc__ = doc
+    return method
+
+
 class Graph:
     """Builds a computation graph node by node.
 
@@ -511,114 +523,22 @@ class Graph:
             dilation=_pair(dilation),
         )
 
-    def conv2d_input_grad(
-        self,
-        g: Operand,
-        w: Operand,
-        input_shape: Sequence[int],
-        stride: int | Sequence[int] = 1,
-        padding: int | Sequence[int] = 0,
-        dilation: int | Sequence[int] = 1,
-        *,
-        name: str | None = None,
-    ) -> Node:
-        """Gradient of conv2d with respect to its input (a transposed convolution)."""
-        return self.op(
-            "conv2d_input_grad",
-            g,
-            w,
-            name=name,
-            input_shape=list(input_shape),
-            stride=_pair(stride),
-            padding=_pair(padding),
-            dilation=_pair(dilation),
-        )
-
-    def conv2d_weight_grad(
-        self,
-        x: Operand,
-        g: Operand,
-        weight_shape: Sequence[int],
-        stride: int | Sequence[int] = 1,
-        padding: int | Sequence[int] = 0,
-        dilation: int | Sequence[int] = 1,
-        *,
-        name: str | None = None,
-    ) -> Node:
-        """Gradient of conv2d with respect to its weight."""
-        return self.op(
-            "conv2d_weight_grad",
-            x,
-            g,
-            name=name,
-            weight_shape=list(weight_shape),
-            stride=_pair(stride),
-            padding=_pair(padding),
-            dilation=_pair(dilation),
-        )
-
-    def avg_pool2d_grad(
-        self,
-        g: Operand,
-        input_shape: Sequence[int],
-        kernel: int | Sequence[int],
-        stride: int | Sequence[int] | None = None,
-        padding: int | Sequence[int] = 0,
-        *,
-        name: str | None = None,
-    ) -> Node:
-        """Gradient of avg_pool2d with respect to its input."""
-        return self.op(
-            "avg_pool2d_grad",
-            g,
-            name=name,
-            input_shape=list(input_shape),
-            kernel=_pair(kernel),
-            stride=_pair(stride),
-            padding=_pair(padding),
-        )
-
-    def max_pool2d_grad(
-        self,
-        x: Operand,
-        g: Operand,
-        kernel: int | Sequence[int],
-        stride: int | Sequence[int] | None = None,
-        padding: int | Sequence[int] = 0,
-        *,
-        name: str | None = None,
-    ) -> Node:
-        """Gradient of max_pool2d with respect to its input x, given the output gradient g."""
-        return self.op(
-            "max_pool2d_grad",
-            x,
-            g,
-            name=name,
-            kernel=_pair(kernel),
-            stride=_pair(stride),
-            padding=_pair(padding),
-        )
-
-    def max_pool2d_gather(
-        self,
-        x: Operand,
-        u: Operand,
-        kernel: int | Sequence[int],
-        stride: int | Sequence[int] | None = None,
-        padding: int | Sequence[int] = 0,
-        *,
-        name: str | None = None,
-    ) -> Node:
-        """The adjoint of max_pool2d_grad in its gradient operand."""
-        return self.op(
-            "max_pool2d_gather",
-            x,
-            u,
-            name=name,
-            kernel=_pair(kernel),
-            stride=_pair(stride),
-            padding=_pair(padding),
-        )
+    # The adjoint ops that gradient rules are built from; attributes as ListOps lists them.
+    conv2d_input_grad = _adjoint(
+        "conv2d_input_grad", "Gradient of conv2d in its input: (g, w, input_shape=, stride=...)."
+    )
+    conv2d_weight_grad = _adjoint(
+        "conv2d_weight_grad", "Gradient of conv2d in its weight: (x, g, weight_shape=, ...)."
+    )
+    avg_pool2d_grad = _adjoint(
+        "avg_pool2d_grad", "Gradient of avg_pool2d in its input: (g, input_shape=, kernel=, ...)."
+    )
+    max_pool2d_grad = _adjoint(
+        "max_pool2d_grad", "Gradient of max_pool2d in its input: (x, g, kernel=, ...)."
+    )
+    max_pool2d_gather = _adjoint(
+        "max_pool2d_gather", "The adjoint of max_pool2d_grad in g: (x, u, kernel=, ...)."
+    )
 
     max_pool2d = _pool("max_pool2d", "Maximum over 2-D windows of NCHW x (ties share).")
     avg_pool2d = _pool("avg_pool2d", "Average over 2-D windows of NCHW x (padding counts as 0).")
