@@ -256,6 +256,41 @@ def _op_info(op: OpDef) -> service_pb2.OpInfo:
     )
 
 
+class _HealthServicer(health.HealthServicer):
+    """grpc.health.v1 Health whose status updates are sent outside the servicer's lock.
+
+    The stock servicer sends updates to Watch streams while holding its lock; a stream closing
+    at that moment (a load balancer dropping its watch on NOT_SERVING) waits for the same lock
+    on gRPC's event thread, and shutdown deadlocks (grpc/grpc#43403). Here the callbacks are
+    collected under the lock and called after it is released.
+    """
+
+    def _update(self, statuses: dict[str, int]) -> None:
+        with self._lock:
+            if self._gracefully_shutting_down:
+                return
+            sends = []
+            for service, status in statuses.items():
+                self._server_status[service] = status
+                response = health_pb2.HealthCheckResponse(status=status)
+                for callback in list(self._send_response_callbacks.get(service, ())):
+                    sends.append((callback, response))
+        for callback, response in sends:
+            callback(response)
+
+    def set(self, service: str, status: int) -> None:
+        """Set a service's status and tell its watchers."""
+        self._update({service: status})
+
+    def enter_graceful_shutdown(self) -> None:
+        """Turn every service NOT_SERVING for good, and tell the watchers."""
+        with self._lock:
+            services = list(self._server_status)
+        self._update({s: health_pb2.HealthCheckResponse.NOT_SERVING for s in services})
+        with self._lock:
+            self._gracefully_shutting_down = True
+
+
 class GradientServer:
     """A running gRPC server with the gradient, health and reflection services."""
 
@@ -304,7 +339,7 @@ def create_server(
     service_grpc.add_GradientServiceServicer_to_server(
         GradientServicer(engine or Engine(limits)), server
     )
-    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_servicer = _HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
