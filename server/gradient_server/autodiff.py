@@ -7,7 +7,7 @@ executed, returned, drawn and differentiated again.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from .errors import GraphError
-from .ir import Graph, Node, infer_node_type, make_node
+from .ir import CHECK_EVERY, Graph, Node, infer_node_type, make_node
 from .ops import OPS, GradCall, Ref
 from .tensor_type import TensorType
 
@@ -95,7 +95,11 @@ class _Builder:
 
 
 def gradient_graph(
-    graph: Graph, types: Mapping[str, TensorType], output: str, wrt: Iterable[str]
+    graph: Graph,
+    types: Mapping[str, TensorType],
+    output: str,
+    wrt: Iterable[str],
+    check_deadline: Callable[[], None] = lambda: None,
 ) -> GradientGraph:
     """Append to `graph` (typed by `types`) the backward pass of `output` for the nodes `wrt`.
 
@@ -125,7 +129,9 @@ def gradient_graph(
 
     pending: dict[str, list[Ref]] = {output: [seed]} if output in active else {}
     gradients: dict[str, Ref] = {}
-    for node in reversed(forward):
+    for index, node in enumerate(reversed(forward)):
+        if index % CHECK_EVERY == 0:
+            check_deadline()
         contributions = pending.pop(node.name, None)
         if contributions is None:
             continue

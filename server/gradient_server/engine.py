@@ -104,14 +104,18 @@ class Engine:
 
     # -- graphs ---------------------------------------------------------------------------
 
-    def load_graph(self, message: graph_pb2.Graph) -> Graph:
+    def load_graph(
+        self, message: graph_pb2.Graph, check_deadline: Callable[[], None] = _never
+    ) -> Graph:
         """Decode and validate a Graph message, cached by its content."""
         if len(message.nodes) > self.limits.max_nodes:
             raise LimitExceeded(
                 f"graph has {len(message.nodes)} nodes; the limit (max_nodes) is "
                 f"{self.limits.max_nodes}"
             )
-        return self._graphs.get_or_make(graph_digest(message), lambda: decode_graph(message))
+        return self._graphs.get_or_make(
+            graph_digest(message), lambda: decode_graph(message, check_deadline)
+        )
 
     def _feed_types(self, graph: Graph, feeds: Mapping[str, np.ndarray]) -> dict[str, TensorType]:
         types = {}
@@ -165,7 +169,8 @@ class Engine:
         key = ("forward", graph.digest, self._signature(feed_types), tuple(fetch_names))
 
         def compile_plan() -> Plan:
-            types = infer_types(graph, feed_types, graph.ancestors(fetch_names))
+            needed = graph.ancestors(fetch_names)
+            types = infer_types(graph, feed_types, needed, check_deadline)
             return self._check_plan(Plan(graph, types, set(fetch_names)), types)
 
         plan = self._plans.get_or_make(key, compile_plan)
@@ -181,6 +186,7 @@ class Engine:
         output: str,
         wrt: Sequence[str],
         fetch: Sequence[str],
+        check_deadline: Callable[[], None] = _never,
     ) -> _GradientPlan:
         """The gradient graph of `output` and the plan computing it, cached."""
         if not output:
@@ -196,14 +202,15 @@ class Engine:
         )
 
         def compile_plan() -> _GradientPlan:
-            types = infer_types(graph, feed_types, graph.ancestors([output, *wrt, *fetch]))
+            needed = graph.ancestors([output, *wrt, *fetch])
+            types = infer_types(graph, feed_types, needed, check_deadline)
             out_type = types[output]
             if not out_type.is_float:
                 raise GraphError(
                     f"output {graph[output].describe()} is {out_type.dtype.name}, which is not "
                     "differentiable; differentiate a float32 or float64 node"
                 )
-            combined = gradient_graph(graph, types, output, wrt)
+            combined = gradient_graph(graph, types, output, wrt, check_deadline)
             plan = Plan(combined.graph, combined.types, {*fetch, *combined.gradients.values()})
             self._check_plan(plan, combined.types)
             return _GradientPlan(plan, combined, out_type)
@@ -226,7 +233,9 @@ class Engine:
         wrt_names = _names(graph, wrt, "wrt")
         fetch_names = _names(graph, fetch, "fetch")
         feed_types = self._feed_types(graph, feeds)
-        compiled = self._compile_gradient(graph, feed_types, output, wrt_names, fetch_names)
+        compiled = self._compile_gradient(
+            graph, feed_types, output, wrt_names, fetch_names, check_deadline
+        )
         combined = compiled.combined
         seed_value = self._seed_value(graph, output, compiled.output_type, seed)
         values = compiled.plan.run({**feeds, combined.seed: seed_value}, check_deadline)
@@ -242,11 +251,13 @@ class Engine:
         feeds: Mapping[str, np.ndarray],
         output: str,
         wrt: Sequence[str] = (),
+        check_deadline: Callable[[], None] = _never,
     ) -> GradientGraph:
         """The forward-and-backward graph of `output` for `wrt`, typed by the feeds."""
         wrt_names = _names(graph, wrt, "wrt")
         feed_types = self._feed_types(graph, feeds)
-        return self._compile_gradient(graph, feed_types, output, wrt_names, ()).combined
+        compiled = self._compile_gradient(graph, feed_types, output, wrt_names, (), check_deadline)
+        return compiled.combined
 
     # -- Hessian-vector products ----------------------------------------------------------
 
@@ -274,7 +285,7 @@ class Engine:
                     f"{list(feed_types[name].shape)}, got {value.dtype.name}{list(value.shape)}"
                 )
         directions = sorted(vector)
-        first = self._compile_gradient(graph, feed_types, output, variables, ())
+        first = self._compile_gradient(graph, feed_types, output, variables, (), check_deadline)
         if first.output_type.size != 1:
             raise GraphError(
                 f"output {graph[output].describe()} has shape {list(first.output_type.shape)}; "
@@ -289,7 +300,9 @@ class Engine:
         def compile_plan() -> _HvpPlan:
             combined = first.combined
             dotted = directional_derivative(combined, directions)
-            second = gradient_graph(dotted.graph, dotted.types, dotted.output, variables)
+            second = gradient_graph(
+                dotted.graph, dotted.types, dotted.output, variables, check_deadline
+            )
             plan = Plan(second.graph, second.types, set(second.gradients.values()))
             self._check_plan(plan, second.types)
             second_seed_type = second.types[second.seed]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -181,10 +181,22 @@ def _decode_node(message: graph_pb2.Node) -> Node:
     return Node(name, op, tuple(message.inputs), MappingProxyType(attrs))
 
 
-def decode_graph(message: graph_pb2.Graph) -> Graph:
+CHECK_EVERY = 4096
+"""Long loops over nodes call their check_deadline callback once per this many nodes."""
+
+
+def _no_deadline() -> None:
+    return None
+
+
+def decode_graph(
+    message: graph_pb2.Graph, check_deadline: Callable[[], None] = _no_deadline
+) -> Graph:
     """Decode and validate a Graph message: names, ops, arity, attributes, references, cycles."""
     nodes: dict[str, Node] = {}
-    for node_message in message.nodes:
+    for index, node_message in enumerate(message.nodes):
+        if index % CHECK_EVERY == 0:
+            check_deadline()
         node = _decode_node(node_message)
         if node.name in nodes:
             raise GraphError(f"node {node.name!r}: duplicate node name")
@@ -282,11 +294,16 @@ def infer_node_type(node: Node, input_types: tuple[TensorType, ...]) -> TensorTy
 
 
 def infer_types(
-    graph: Graph, feed_types: Mapping[str, TensorType], needed: set[str]
+    graph: Graph,
+    feed_types: Mapping[str, TensorType],
+    needed: set[str],
+    check_deadline: Callable[[], None] = _no_deadline,
 ) -> dict[str, TensorType]:
     """The type of every needed node, in topological order; inputs are typed by their feeds."""
     types: dict[str, TensorType] = {}
-    for name, node in graph.nodes.items():
+    for index, (name, node) in enumerate(graph.nodes.items()):
+        if index % CHECK_EVERY == 0:
+            check_deadline()
         if name not in needed:
             continue
         if node.op == "input":

@@ -74,7 +74,7 @@ class GradientServicer(service_grpc.GradientServiceServicer):
 
     def Forward(self, request, context):
         def work(check: Callable[[], None]):
-            graph = self.engine.load_graph(request.graph)
+            graph = self.engine.load_graph(request.graph, check)
             values = self.engine.forward(
                 graph, _decode_feeds(request.inputs), list(request.fetch), check
             )
@@ -84,7 +84,7 @@ class GradientServicer(service_grpc.GradientServiceServicer):
 
     def Gradient(self, request, context):
         def work(check: Callable[[], None]):
-            graph = self.engine.load_graph(request.graph)
+            graph = self.engine.load_graph(request.graph, check)
             result = self.engine.gradient(
                 graph,
                 _decode_feeds(request.inputs),
@@ -104,7 +104,7 @@ class GradientServicer(service_grpc.GradientServiceServicer):
 
     def CheckGradient(self, request, context):
         def work(check: Callable[[], None]):
-            graph = self.engine.load_graph(request.graph)
+            graph = self.engine.load_graph(request.graph, check)
             defaults = CheckSettings()
             settings = CheckSettings(
                 eps=request.eps if request.HasField("eps") else defaults.eps,
@@ -148,9 +148,9 @@ class GradientServicer(service_grpc.GradientServiceServicer):
 
     def GradientGraph(self, request, context):
         def work(check: Callable[[], None]):
-            graph = self.engine.load_graph(request.graph)
+            graph = self.engine.load_graph(request.graph, check)
             combined = self.engine.gradient_graph(
-                graph, _decode_feeds(request.inputs), request.output, list(request.wrt)
+                graph, _decode_feeds(request.inputs), request.output, list(request.wrt), check
             )
             return service_pb2.GradientGraphResponse(
                 graph=encode_graph(combined.graph),
@@ -163,7 +163,7 @@ class GradientServicer(service_grpc.GradientServiceServicer):
 
     def HessianVectorProduct(self, request, context):
         def work(check: Callable[[], None]):
-            graph = self.engine.load_graph(request.graph)
+            graph = self.engine.load_graph(request.graph, check)
             vector = {}
             for name, tensor in request.vector.items():
                 try:

@@ -15,6 +15,9 @@ from .base import AttrSpec, Call, Emitter, GradCall, OpDef, Ref, ShapeError, reg
 
 
 def _broadcast(*types: TensorType) -> tuple[int, ...]:
+    first = types[0].shape
+    if all(t.shape == first for t in types):
+        return first
     try:
         return broadcast_shapes(*(t.shape for t in types))
     except ValueError:
