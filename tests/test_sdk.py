@@ -114,3 +114,22 @@ def test_sdk_type_checks_with_mypy():
         check=False,
     )
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_sdk_imports_only_grpc_protobuf_and_numpy():
+    # grpc itself imports its companions (health, reflection...) when they are installed, so
+    # the baseline is what `import grpc, numpy, google.protobuf` brings; the SDK adds nothing
+    # beyond its own packages and the standard library.
+    code = (
+        "import sys\n"
+        "import grpc, numpy, google.protobuf\n"
+        "before = set(sys.modules)\n"
+        "import gradient_client, gradient_client.cli, gradient_client.drawing\n"
+        "added = {m.split('.')[0] for m in set(sys.modules) - before}\n"
+        "allowed = {'gradient', 'gradient_client', 'google', 'grpc', 'numpy'}\n"
+        "print(sorted(added - allowed - set(sys.stdlib_module_names)))\n"
+    )
+    imported = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert imported.stdout.strip() == "[]", imported.stdout
