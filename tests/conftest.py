@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gradient_client import GradientClient
+from gradient_server.engine import Engine
 from gradient_server.service import create_server
 
 
@@ -22,3 +23,9 @@ def client(server_address):
     """A GradientClient on the session's server."""
     with GradientClient(server_address, timeout=60) as connected:
         yield connected
+
+
+@pytest.fixture(scope="session")
+def engine() -> Engine:
+    """An in-process engine, for the many forward passes of finite differences."""
+    return Engine()

@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -42,11 +41,11 @@ from gradcheck import (
     numerical_vjp,
     positive,
     real,
+    rng_for,
 )
 
 from gradient_client import GradientError, Graph
 from gradient_client.graph import Node
-from gradient_server.engine import Engine
 from gradient_server.ops import OPS
 
 RTOL = 1e-6
@@ -57,17 +56,6 @@ VALUE_TOL = 1e-12
 """Forward values against numpy."""
 
 Shape = tuple[int, ...]
-
-
-@pytest.fixture(scope="module")
-def engine() -> Engine:
-    """An in-process engine for the many forward passes of finite differences."""
-    return Engine()
-
-
-def _rng(key: str) -> np.random.Generator:
-    """A generator seeded by a test's id, so every case draws the same numbers every run."""
-    return np.random.default_rng(zlib.crc32(key.encode()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -579,7 +567,7 @@ ROWS: list[Row] = OP_ROWS + FANOUT_ROWS
 
 @pytest.mark.parametrize("row", ROWS, ids=lambda row: row.id)
 def test_gradient_matches_finite_differences(client, engine, row):
-    rng = _rng(row.id)
+    rng = rng_for(row.id)
     g = Graph()
     operands = [g.input(f"x{i}") for i in range(len(row.shapes))]
     out = row.build(g, *operands)
@@ -924,7 +912,7 @@ def test_exact_gradient(client, build, inputs, seed, gradients):
     ids=lambda dtype: dtype,
 )
 def test_cast_gradient_is_the_seed_cast_back(client, source, target, shape):
-    rng = _rng(f"cast-{source}-{target}-{shape}")
+    rng = rng_for(f"cast-{source}-{target}-{shape}")
     x_value = rng.standard_normal(shape).astype(source)
     seed = np.asarray(rng.standard_normal(shape), dtype=target)
     g = Graph()
@@ -981,7 +969,7 @@ FLOAT32_ROWS: list[Row] = [
 
 @pytest.mark.parametrize("row", FLOAT32_ROWS, ids=lambda row: row.id)
 def test_float32_graph_stays_float32(client, engine, row):
-    rng = _rng("float32-" + row.id)
+    rng = rng_for("float32-" + row.id)
     g = Graph()
     operands = [g.input(f"x{i}") for i in range(len(row.shapes))]
     out = row.build(g, *operands)
@@ -1019,7 +1007,7 @@ def test_float32_graph_stays_float32(client, engine, row):
 
 def test_mixed_precision_promotes_and_casts_gradients_back(client):
     # float32 * float64 computes in float64; each gradient comes back in its operand's dtype.
-    rng = _rng("mixed-precision")
+    rng = rng_for("mixed-precision")
     x = rng.standard_normal((2, 3)).astype(np.float32)
     y = rng.standard_normal((3,))
     seed = rng.standard_normal((2, 3))
@@ -1088,7 +1076,7 @@ COMPARISONS: dict[str, Callable[..., np.ndarray]] = {
 )
 @pytest.mark.parametrize("op", list(COMPARISONS))
 def test_comparison_values_match_numpy(client, op, x_shape, y_shape, x_dtype):
-    rng = _rng(f"{op}-{x_shape}-{y_shape}-{x_dtype}")
+    rng = rng_for(f"{op}-{x_shape}-{y_shape}-{x_dtype}")
     # Small integers (halves for y) so that ties are frequent.
     x = rng.integers(-1, 2, x_shape).astype(x_dtype)
     y = rng.integers(-2, 3, y_shape) / 2.0
@@ -1105,7 +1093,7 @@ def test_comparison_values_match_numpy(client, op, x_shape, y_shape, x_dtype):
 
 @pytest.mark.parametrize("op", list(COMPARISONS))
 def test_float_input_feeding_only_a_comparison_gets_zero_gradient(client, op):
-    rng = _rng(f"zero-gradient-{op}")
+    rng = rng_for(f"zero-gradient-{op}")
     x = rng.integers(-1, 2, (2, 3)).astype(np.float64)
     y = rng.integers(-1, 2, (3,)).astype(np.float64)
     z = rng.standard_normal((2, 3))
@@ -1141,7 +1129,7 @@ LOGIC: dict[str, Callable[..., np.ndarray]] = {
 )
 @pytest.mark.parametrize("op", list(LOGIC))
 def test_logic_values_match_numpy(client, op, x_shape, y_shape):
-    rng = _rng(f"{op}-{x_shape}-{y_shape}")
+    rng = rng_for(f"{op}-{x_shape}-{y_shape}")
     x, y = boolean(rng, x_shape), boolean(rng, y_shape)
     g = Graph()
     out = g.op(op, g.input("x"), g.input("y"), name="out")
@@ -1162,7 +1150,7 @@ def test_logic_values_match_numpy(client, op, x_shape, y_shape):
 )
 @pytest.mark.parametrize("op", ["argmax", "argmin"])
 def test_arg_reductions_match_numpy_and_pass_no_gradient(client, op, attrs):
-    rng = _rng(f"{op}-{attrs}")
+    rng = rng_for(f"{op}-{attrs}")
     # Small integers: ties are frequent, and the first extremum wins as in numpy.
     x = rng.integers(-2, 3, (3, 4)).astype(np.float64)
     g = Graph()
@@ -1182,7 +1170,7 @@ def test_arg_reductions_match_numpy_and_pass_no_gradient(client, op, attrs):
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_one_hot_values_match_numpy(client, dtype):
-    indices = integers(-4, 4)(_rng(f"one_hot-{dtype}"), (2, 3))
+    indices = integers(-4, 4)(rng_for(f"one_hot-{dtype}"), (2, 3))
     g = Graph()
     g.op("one_hot", g.input("i"), name="out", depth=4, dtype=dtype)
 
@@ -1202,7 +1190,7 @@ def test_a_comparison_output_cannot_be_differentiated(client):
 
 
 def test_input_gradient_of_itself_is_the_seed(client):
-    seed = _rng("input-seed").standard_normal((2, 3))
+    seed = rng_for("input-seed").standard_normal((2, 3))
     g = Graph()
     x = g.input("x")
     result = client.gradient(g, output=x, inputs={"x": np.ones((2, 3))}, wrt=[x], seed=seed)
@@ -1210,7 +1198,7 @@ def test_input_gradient_of_itself_is_the_seed(client):
 
 
 def test_constant_value_and_gradient(client):
-    rng = _rng("constant")
+    rng = rng_for("constant")
     c_value, x_value, seed = (rng.standard_normal((2, 3)) for _ in range(3))
     g = Graph()
     c = g.constant(c_value, name="c")
@@ -1224,7 +1212,7 @@ def test_constant_value_and_gradient(client):
 
 
 def test_zeros_value_and_gradient(client):
-    rng = _rng("zeros")
+    rng = rng_for("zeros")
     x_value = rng.standard_normal((2, 3)).astype(np.float32)
     seed = rng.standard_normal((2, 3)).astype(np.float32)
     g = Graph()

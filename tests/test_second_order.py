@@ -21,7 +21,6 @@
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +36,7 @@ from gradcheck import (
     nonzero,
     positive,
     real,
+    rng_for,
 )
 
 from gradient_client import Graph
@@ -52,17 +52,6 @@ ATOL = 1e-5
 """H·v against central differences of the gradient."""
 
 Shape = tuple[int, ...]
-
-
-@pytest.fixture(scope="module")
-def engine() -> Engine:
-    """An in-process engine for the gradients of the finite differences."""
-    return Engine()
-
-
-def _rng(key: str) -> np.random.Generator:
-    """A generator seeded by a test's id, so every case draws the same numbers every run."""
-    return np.random.default_rng(zlib.crc32(key.encode()))
 
 
 def fd_hvp(
@@ -219,7 +208,7 @@ def _penalty_graph() -> tuple[Graph, Node]:
 
 
 def test_gradient_penalty_matches_finite_differences(client, engine):
-    rng = _rng("gradient-penalty")
+    rng = rng_for("gradient-penalty")
     inputs = {
         "x": rng.uniform(-1, 1, (4, 3)),
         "W": rng.uniform(-1, 1, (3, 2)),
@@ -262,7 +251,7 @@ def test_gradient_penalty_matches_finite_differences(client, engine):
 def test_vjp_of_a_gradient_node_is_a_hessian_vector_product(client):
     # Gradient on the returned graph with the gradient node itself as the output and a seed
     # v gives vᵀ·∂(∇_x f)/∂θ for every θ: the x row of the Hessian times v, i.e. H·(v on x).
-    rng = _rng("vjp-of-a-gradient-node")
+    rng = rng_for("vjp-of-a-gradient-node")
     inputs = {
         "x": rng.uniform(-1, 1, (4, 3)),
         "W": rng.uniform(-1, 1, (3, 2)),
@@ -329,7 +318,7 @@ def test_hvp_of_a_one_element_output(client):
 def test_hvp_with_mixed_precision_inputs(client, directions):
     # x is float32 and w float64: x * w computes in float64, and each part of H·v comes back
     # in its input's dtype, close to the all-float64 product on the same numbers.
-    rng = _rng("hvp-mixed-precision")
+    rng = rng_for("hvp-mixed-precision")
     x32 = rng.uniform(-1, 1, (2, 3)).astype(np.float32)
     w = rng.uniform(-1, 1, (3,))
     vector = {"x": rng.standard_normal((2, 3)), "w": rng.standard_normal(3)}
@@ -614,14 +603,14 @@ def _ancestors(g: Graph, name: str) -> set[str]:
 def _graph_case(case: GraphCase) -> tuple[Graph, Node, dict[str, np.ndarray]]:
     g = Graph()
     out = case.build(g)
-    return g, out, case.inputs(_rng(case.id))
+    return g, out, case.inputs(rng_for(case.id))
 
 
 def _seed_for(case: GraphCase, values: Mapping[str, np.ndarray], output: str) -> np.ndarray:
     ones = np.ones_like(values[output])
     if not case.output_seed:
         return ones
-    return _rng(case.id + "-seed").standard_normal(ones.shape).astype(ones.dtype)
+    return rng_for(case.id + "-seed").standard_normal(ones.shape).astype(ones.dtype)
 
 
 @pytest.mark.parametrize("case", GRAPH_CASES, ids=lambda case: case.id)
@@ -1013,7 +1002,7 @@ def _build_row(
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("r", OP_ROWS, ids=lambda r: r.id)
 def test_hvp_matches_finite_differences(client, engine, r, form):
-    rng = _rng(f"{r.id}-{form}")
+    rng = rng_for(f"{r.id}-{form}")
     g, f, feeds = _build_row(engine, r, form, rng)
     vector = {n: rng.standard_normal(v.shape) for n, v in feeds.items() if v.dtype.kind == "f"}
 
@@ -1028,7 +1017,7 @@ BILINEAR = ("mul", "matmul", "conv2d", "conv2d_input_grad", "conv2d_weight_grad"
 def test_bilinear_ops_are_linear_in_each_operand(client, engine, r, operand):
     # v on one operand only: that operand's block of the Hessian is exactly 0, and the mixed
     # block moves the other operand's gradient (missing directions count as zero).
-    rng = _rng(f"{r.id}-operand-{operand}")
+    rng = rng_for(f"{r.id}-operand-{operand}")
     g, f, feeds = _build_row(engine, r, "plain", rng)
     name = f"x{operand}"
     other = f"x{1 - operand}"
@@ -1085,12 +1074,12 @@ FLOAT32_ROWS = [
 @pytest.mark.parametrize("r", FLOAT32_ROWS, ids=lambda r: r.id)
 def test_hvp_of_float32_graph_stays_float32(client, engine, r):
     key = f"float32-{r.id}"
-    g32, f, feeds32 = _build_row(engine, r, "squared", _rng(key), dtype="float32")
+    g32, f, feeds32 = _build_row(engine, r, "squared", rng_for(key), dtype="float32")
     # The same numbers in float64: float32 values and seed, widened exactly.
     g64, _, feeds64 = _build_row(
-        engine, r, "squared", _rng(key), dtype="float64", rounded_to="float32"
+        engine, r, "squared", rng_for(key), dtype="float64", rounded_to="float32"
     )
-    rng = _rng(key + "-vector")
+    rng = rng_for(key + "-vector")
     vector = {n: rng.standard_normal(v.shape) for n, v in feeds32.items()}
 
     p32 = client.hvp(g32, f, inputs=feeds32, vector=vector)
@@ -1301,7 +1290,7 @@ def test_third_order_of_a_network_matches_finite_differences(client, engine, net
     # H·v of the gradient penalty P(W) = ||∇_x f||², a third derivative of f: the gradient
     # rules of the adjoint ops (and of their adjoints) are differentiated.
     build, draw = THIRD_ORDER_NETWORKS[network]
-    rng = _rng(f"third-order-{network}")
+    rng = rng_for(f"third-order-{network}")
     inputs = draw(rng)
     g = Graph()
     f = build(g)
