@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+from hypothesis import settings
 
 from gradient_client import GradientClient
 from gradient_server.engine import Engine
 from gradient_server.service import create_server
+
+# CI draws the same hypothesis examples on every run (and keeps no example database), so a
+# red run always reproduces; locally the examples vary from run to run.
+settings.register_profile("ci", derandomize=True, database=None)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 @pytest.fixture(scope="session")
