@@ -656,3 +656,54 @@ def test_concurrent_bad_and_good_requests(client, server_address):
     for t in threads:
         t.join()
     assert not failures, failures
+
+
+# ---------------------------------------------------------------------------------------------
+# INVALID_ARGUMENT: odd attributes and shapes that numpy itself would refuse
+
+
+def _odd_graphs():
+    def build(op, feed_shape, **attrs):
+        g = Graph()
+        x = g.input("x")
+        extra = [g.constant(np.array([0, 1]))] if op == "scatter_add" else []
+        g.op(op, x, *extra, name="bad", **attrs)
+        return g, {"x": np.zeros(feed_shape)}
+
+    return {
+        "reshape-rank-65": build("reshape", (1,), shape=[1] * 65),
+        "expand_dims-70-axes": build("expand_dims", (1,), axis=list(range(70))),
+        "scatter_add-negative-shape": build("scatter_add", (2,), shape=[-3]),
+        "unslice-negative-shape": build("unslice", (0,), shape=[-1], starts=[0], stops=[1]),
+        "var-ddof-too-large": build("var", (3,), ddof=3),
+        "var-negative-ddof": build("var", (3,), ddof=-1),
+    }
+
+
+@pytest.mark.parametrize("case", list(_odd_graphs()))
+def test_odd_attributes_are_invalid_arguments(client, case):
+    graph, feeds = _odd_graphs()[case]
+    expect_error(client, lambda: client.forward(graph, feeds), "'bad'")
+    if case.startswith("var"):
+        expect_error(client, lambda: client.gradient(graph, "bad", feeds), "'bad'")
+
+
+def test_int_pad_with_nan_is_an_invalid_argument(client):
+    g = Graph()
+    g.pad(g.input("k"), [1, 1], value=float("nan"), name="bad")
+    expect_error(client, lambda: client.forward(g, {"k": np.array([1, 2])}), "'bad'", "int64")
+
+
+@pytest.mark.parametrize("shape", [[1] * 65, [0, 2**62 + 1]])
+def test_tensor_shapes_numpy_cannot_hold(client, stub, shape):
+    tensor = tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_FLOAT64, shape=shape)
+    if 0 not in shape:
+        tensor.data = bytes(8)
+    expect_raw_error(client, lambda: raw_forward(stub, tensor), "input 'x'")
+
+
+def test_softmax_over_an_empty_axis(client):
+    g = Graph()
+    out = g.softmax(g.input("x"), name="out")
+    result = client.gradient(g, out, {"x": np.zeros((2, 0))}, seed=np.zeros((2, 0)))
+    assert result.values["out"].shape == (2, 0) and result.gradients["x"].shape == (2, 0)

@@ -1252,3 +1252,11 @@ def test_rows_check_every_differentiable_operand():
                 assert any(row.domains[i] is not boolean for row in rows), (
                     f"no row checks the gradient of {name}'s operand {op.inputs[i]!r}"
                 )
+
+
+def test_norm_of_integers_computes_in_float64(client):
+    g = Graph()
+    g.norm(g.input("k"), name="out")
+    for value, dtype in ((100_000, np.int32), (2**33, np.int64)):
+        result = client.forward(g, {"k": np.array([value], dtype)}).values["out"]
+        assert result.dtype == np.float64 and float(result) == float(value)

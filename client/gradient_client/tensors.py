@@ -37,6 +37,13 @@ DTYPE_NAMES: dict[str, np.dtype] = {
 }
 
 
+MAX_RANK = 32
+"""Most dimensions a tensor may have (numpy allows 64)."""
+
+MAX_DIMENSION = 2**62
+"""Largest size of one dimension (numpy's sizes are int64)."""
+
+
 class TensorFormatError(ValueError):
     """A Tensor message or a numpy array that cannot be converted."""
 
@@ -86,6 +93,10 @@ def from_proto(tensor: tensor_pb2.Tensor, *, writeable: bool = False) -> np.ndar
     shape = tuple(tensor.shape)
     if any(d < 0 for d in shape):
         raise TensorFormatError(f"tensor shape {list(shape)} has a negative dimension")
+    if len(shape) > MAX_RANK:
+        raise TensorFormatError(f"tensor has {len(shape)} dimensions; the most is {MAX_RANK}")
+    if any(d > MAX_DIMENSION for d in shape):
+        raise TensorFormatError(f"tensor shape {list(shape)} has a dimension above 2**62")
     count = math.prod(shape)
     forms = {
         "data": len(tensor.data),

@@ -12,7 +12,14 @@ from typing import Any
 import numpy as np
 
 from gradient.v1 import graph_pb2
-from gradient_client.tensors import TensorFormatError, dtype_from_name, from_proto, to_proto
+from gradient_client.tensors import (
+    MAX_DIMENSION,
+    MAX_RANK,
+    TensorFormatError,
+    dtype_from_name,
+    from_proto,
+    to_proto,
+)
 
 from .errors import GraphError
 from .ops import OPS, AttrSpec, OpDef, ShapeError
@@ -288,9 +295,14 @@ def encode_graph(graph: Graph) -> graph_pb2.Graph:
 def infer_node_type(node: Node, input_types: tuple[TensorType, ...]) -> TensorType:
     """Apply the op's shape/dtype rule, turning its complaint into a GraphError naming the node."""
     try:
-        return node.opdef.infer(node.attrs, *input_types)
+        result = node.opdef.infer(node.attrs, *input_types)
     except ShapeError as e:
         raise node_error(node, str(e), input_types) from None
+    if len(result.shape) > MAX_RANK or any(not 0 <= d <= MAX_DIMENSION for d in result.shape):
+        raise node_error(
+            node, f"result shape {list(result.shape)} is not a valid shape", input_types
+        )
+    return result
 
 
 def infer_types(

@@ -25,6 +25,20 @@ class InvalidValue(ValueError):
     """An operand's values are invalid for the op (e.g. an index out of range)."""
 
 
+def check_shape_attr(shape: tuple[int, ...]) -> None:
+    """ShapeError if a shape attribute has a negative dimension."""
+    if any(d < 0 for d in shape):
+        raise ShapeError(f"shape {list(shape)} has a negative dimension")
+
+
+def normalize_axis(axis: int, rank: int) -> int:
+    """A non-negative axis for `rank` dimensions (negative counts from the end); ShapeError
+    when out of range."""
+    if not -rank <= axis < rank:
+        raise ShapeError(f"axis {axis} is out of range for rank {rank}")
+    return axis % rank
+
+
 @dataclass(frozen=True)
 class AttrSpec:
     """One attribute of an op: its name, kind, default (or REQUIRED) and meaning."""

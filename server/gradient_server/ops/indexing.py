@@ -11,13 +11,19 @@ import math
 import numpy as np
 
 from ..tensor_type import TensorType, promote
-from .base import AttrSpec, Call, Emitter, GradCall, InvalidValue, OpDef, Ref, ShapeError, register
-
-
-def _axis(axis: int, rank: int) -> int:
-    if not -rank <= axis < rank:
-        raise ShapeError(f"axis {axis} is out of range for rank {rank}")
-    return axis % rank
+from .base import (
+    AttrSpec,
+    Call,
+    Emitter,
+    GradCall,
+    InvalidValue,
+    OpDef,
+    Ref,
+    ShapeError,
+    check_shape_attr,
+    normalize_axis,
+    register,
+)
 
 
 def _reshape_back(b: Emitter, call: GradCall, g: Ref):
@@ -30,7 +36,7 @@ def _reshape_back(b: Emitter, call: GradCall, g: Ref):
 
 def _expand_dims_shape(attrs, x: TensorType) -> tuple[int, ...]:
     rank = len(x.shape) + len(attrs["axis"])
-    axes = sorted(_axis(a, rank) for a in attrs["axis"])
+    axes = sorted(normalize_axis(a, rank) for a in attrs["axis"])
     if len(set(axes)) != len(axes):
         raise ShapeError(f"axis {list(attrs['axis'])} repeats an axis")
     shape = list(x.shape)
@@ -55,7 +61,7 @@ register(
 def _squeeze_shape(attrs, x: TensorType) -> tuple[int, ...]:
     if attrs["axis"] is None:
         return tuple(d for d in x.shape if d != 1)
-    axes = {_axis(a, len(x.shape)) for a in attrs["axis"]}
+    axes = {normalize_axis(a, len(x.shape)) for a in attrs["axis"]}
     if any(x.shape[a] != 1 for a in axes):
         raise ShapeError(f"cannot squeeze axes {sorted(axes)} of shape {list(x.shape)}")
     return tuple(d for i, d in enumerate(x.shape) if i not in axes)
@@ -77,7 +83,7 @@ register(
 def _flatten_shape(attrs, x: TensorType) -> tuple[int, ...]:
     rank = max(len(x.shape), 1)
     shape = x.shape or (1,)
-    start, end = _axis(attrs["start_axis"], rank), _axis(attrs["end_axis"], rank)
+    start, end = normalize_axis(attrs["start_axis"], rank), normalize_axis(attrs["end_axis"], rank)
     if start > end:
         raise ShapeError(f"start_axis {start} comes after end_axis {end}")
     return (*shape[:start], math.prod(shape[start : end + 1]), *shape[end + 1 :])
@@ -115,7 +121,7 @@ def _slices(attrs, shape: tuple[int, ...]) -> tuple[slice, ...]:
         raise ShapeError("a slice step cannot be 0")
     chosen = [slice(None)] * rank
     for axis, start, stop, step in zip(axes, starts, stops, steps, strict=True):
-        chosen[_axis(axis, rank)] = slice(start, stop, step)
+        chosen[normalize_axis(axis, rank)] = slice(start, stop, step)
     return tuple(chosen)
 
 
@@ -154,6 +160,7 @@ register(
 
 def _unslice_infer(attrs, x: TensorType) -> TensorType:
     shape = tuple(attrs["shape"])
+    check_shape_attr(shape)
     if _sliced_shape(attrs, shape) != x.shape:
         raise ShapeError(f"{list(x.shape)} is not the shape of that slice of {list(shape)}")
     return TensorType(x.dtype, shape, x.weak)
@@ -190,6 +197,9 @@ def _pad_widths(attrs, rank: int) -> list[tuple[int, int]]:
 
 def _pad_infer(attrs, x: TensorType) -> TensorType:
     widths = _pad_widths(attrs, len(x.shape))
+    value = attrs["value"]
+    if x.dtype.kind != "f" and not (math.isfinite(value) and value == int(value)):
+        raise ShapeError(f"cannot pad a {x.dtype.name} tensor with {value}")
     shape = tuple(d + before + after for d, (before, after) in zip(x.shape, widths, strict=True))
     return TensorType(x.dtype, shape, x.weak)
 
@@ -228,7 +238,7 @@ def _concat_infer(attrs, *xs: TensorType) -> TensorType:
     first = xs[0]
     if not first.shape:
         raise ShapeError("cannot concatenate scalars (use stack)")
-    axis = _axis(attrs["axis"], len(first.shape))
+    axis = normalize_axis(attrs["axis"], len(first.shape))
     for x in xs[1:]:
         if len(x.shape) != len(first.shape) or any(
             a != b for i, (a, b) in enumerate(zip(x.shape, first.shape, strict=True)) if i != axis
@@ -242,7 +252,7 @@ def _concat_infer(attrs, *xs: TensorType) -> TensorType:
 
 
 def _concat_grad(b: Emitter, call: GradCall, g: Ref):
-    axis = _axis(call.attrs["axis"], len(g.shape))
+    axis = normalize_axis(call.attrs["axis"], len(g.shape))
     grads, offset = [], 0
     for x in call.inputs:
         size = x.shape[axis]
@@ -271,7 +281,7 @@ def _stack_infer(attrs, *xs: TensorType) -> TensorType:
     if any(x.shape != xs[0].shape for x in xs):
         shapes = ", ".join(str(list(t.shape)) for t in xs)
         raise ShapeError(f"stacked tensors must have one shape, got {shapes}")
-    axis = _axis(attrs["axis"], len(xs[0].shape) + 1)
+    axis = normalize_axis(attrs["axis"], len(xs[0].shape) + 1)
     shape = list(xs[0].shape)
     shape.insert(axis, len(xs))
     dtype, weak = promote(*xs)
@@ -279,7 +289,7 @@ def _stack_infer(attrs, *xs: TensorType) -> TensorType:
 
 
 def _stack_grad(b: Emitter, call: GradCall, g: Ref):
-    axis = _axis(call.attrs["axis"], len(g.shape))
+    axis = normalize_axis(call.attrs["axis"], len(g.shape))
     return tuple(
         b.reshape(b.slice(g, starts=[i], stops=[i + 1], axes=[axis]), shape=list(x.shape))
         for i, x in enumerate(call.inputs)
@@ -313,7 +323,7 @@ def _check_indices(indices: TensorType) -> None:
 
 def _take_infer(attrs, x: TensorType, indices: TensorType) -> TensorType:
     _check_indices(indices)
-    axis = _axis(attrs["axis"], len(x.shape))
+    axis = normalize_axis(attrs["axis"], len(x.shape))
     shape = (*x.shape[:axis], *indices.shape, *x.shape[axis + 1 :])
     return TensorType(x.dtype, shape, x.weak)
 
@@ -353,7 +363,10 @@ register(
 def _scatter_add_infer(attrs, updates: TensorType, indices: TensorType) -> TensorType:
     _check_indices(indices)
     shape = tuple(attrs["shape"])
-    axis = _axis(attrs["axis"], len(shape))
+    check_shape_attr(shape)
+    if not shape:
+        raise ShapeError("shape must have at least one dimension")
+    axis = normalize_axis(attrs["axis"], len(shape))
     expected = (*shape[:axis], *indices.shape, *shape[axis + 1 :])
     if updates.shape != expected:
         raise ShapeError(

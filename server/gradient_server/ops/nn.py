@@ -12,7 +12,18 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from ..tensor_type import TensorType, float_dtype, promote
-from .base import AttrSpec, Call, Emitter, GradCall, InvalidValue, OpDef, Ref, ShapeError, register
+from .base import (
+    AttrSpec,
+    Call,
+    Emitter,
+    GradCall,
+    InvalidValue,
+    OpDef,
+    Ref,
+    ShapeError,
+    normalize_axis,
+    register,
+)
 from .reductions import _logsumexp
 
 # ---------------------------------------------------------------------------------------------
@@ -25,10 +36,9 @@ def _axis_attr(default: int = -1) -> AttrSpec:
 
 def _float_same_shape(name: str):
     def infer(attrs, x: TensorType) -> TensorType:
-        if x.shape and not -len(x.shape) <= attrs["axis"] < len(x.shape):
-            raise ShapeError(f"axis {attrs['axis']} is out of range for rank {len(x.shape)}")
         if not x.shape:
             raise ShapeError(f"{name} needs at least one axis")
+        normalize_axis(attrs["axis"], len(x.shape))
         return TensorType(float_dtype(x.dtype), x.shape, x.weak)
 
     return infer
@@ -40,6 +50,8 @@ def _log_softmax(x: np.ndarray, axis: int) -> np.ndarray:
 
 def _softmax(x: np.ndarray, axis: int) -> np.ndarray:
     # Shifting by the maximum keeps exp in range and is exact (unlike exp(log_softmax)).
+    if x.shape[axis] == 0:
+        return x.copy()
     shift = np.max(x, axis=axis, keepdims=True)
     e = np.exp(x - np.where(np.isfinite(shift), shift, 0))
     return e / np.sum(e, axis=axis, keepdims=True)

@@ -1,16 +1,28 @@
-"""Reductions over axes: sum, mean, max.
-
-Each takes `axis` (an int or a list of ints; default all axes) and `keepdims`.
+"""Reductions over axes: sum, mean, max, min, prod, logsumexp, var, norm (each takes `axis`,
+an int or a list of ints, default all, and `keepdims`), argmax and argmin (one int `axis`), and
+prod_others, the gradient of prod.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 from ..tensor_type import TensorType, float_dtype
-from .base import AttrSpec, Call, Emitter, GradCall, OpDef, Ref, ShapeError, register
+from .base import (
+    AttrSpec,
+    Call,
+    Emitter,
+    GradCall,
+    OpDef,
+    Ref,
+    ShapeError,
+    normalize_axis,
+    register,
+)
 
 _AXIS_ATTRS = (
     AttrSpec(
@@ -25,9 +37,9 @@ def reduced_axes(attrs, rank: int) -> tuple[int, ...]:
     axis = attrs["axis"]
     if axis is None:
         return tuple(range(rank))
-    normalized = [a + rank if a < 0 else a for a in axis]
-    if any(not 0 <= a < rank for a in normalized) or len(set(normalized)) != len(normalized):
-        raise ShapeError(f"axis {list(axis)} is out of range or repeated for rank {rank}")
+    normalized = [normalize_axis(a, rank) for a in axis]
+    if len(set(normalized)) != len(normalized):
+        raise ShapeError(f"axis {list(axis)} repeats an axis")
     return tuple(sorted(normalized))
 
 
@@ -59,11 +71,14 @@ def _reduction(
     *,
     nonempty: bool = False,
     extra_attrs: tuple[AttrSpec, ...] = (),
+    attr_check: Callable[[Any, tuple[int, ...]], None] | None = None,
 ) -> OpDef:
     def infer(attrs, x: TensorType) -> TensorType:
         axes = reduced_axes(attrs, len(x.shape))
         if nonempty and any(x.shape[a] == 0 for a in axes):
             raise ShapeError(f"{name} of an empty axis has no value")
+        if attr_check is not None:
+            attr_check(attrs, x.shape)
         return TensorType(dtype_rule(x.dtype), _reduced_shape(attrs, x.shape), x.weak)
 
     def forward(call: Call, x: np.ndarray) -> np.ndarray:
@@ -173,7 +188,10 @@ def _prod_others_grad(b: Emitter, call: GradCall, u: Ref):
     moved = x if axis == rank - 1 else b.transpose(x, axes=order)
     u_moved = u if axis == rank - 1 else b.transpose(u, axes=order)
     n = x.shape[axis]
-    eye = b.op("constant", value=np.eye(n, dtype=bool))
+    # The identity mask is computed when the graph runs, so its n^2 elements count against the
+    # request's limits like any other value.
+    index = b.op("constant", value=np.arange(n))
+    eye = b.equal(b.reshape(index, shape=[n, 1]), index)
     rows = b.broadcast_to(b.expand_dims(moved, axis=[-2]), shape=[*moved.shape[:-1], n, n])
     leave_one_out = b.prod_others(b.where(eye, 1, rows), axis=-1)
     mixed = b.where(eye, 0, leave_one_out)
@@ -184,8 +202,7 @@ def _prod_others_grad(b: Emitter, call: GradCall, u: Ref):
 
 
 def _prod_others_infer(attrs, x: TensorType) -> TensorType:
-    if not x.shape or not -len(x.shape) <= attrs["axis"] < len(x.shape):
-        raise ShapeError(f"axis {attrs['axis']} is out of range for rank {len(x.shape)}")
+    normalize_axis(attrs["axis"], len(x.shape))
     return TensorType(_accumulating(x.dtype), x.shape, x.weak)
 
 
@@ -226,6 +243,14 @@ _reduction(
 )
 
 
+def _check_ddof(attrs, shape: tuple[int, ...]) -> None:
+    count = math.prod(shape[a] for a in reduced_axes(attrs, len(shape)))
+    if not 0 <= attrs["ddof"] < count:
+        raise ShapeError(
+            f"ddof {attrs['ddof']} must be >= 0 and below the {count} reduced elements"
+        )
+
+
 def _var_grad(b: Emitter, call: GradCall, g: Ref) -> Ref:
     x = call.inputs[0]
     axes = reduced_axes(call.attrs, len(x.shape))
@@ -240,11 +265,13 @@ _reduction(
     np.var,
     float_dtype,
     _var_grad,
-    extra_attrs=(AttrSpec("ddof", "int", 0, "Delta degrees of freedom."),),
+    extra_attrs=(AttrSpec("ddof", "int", 0, "Delta degrees of freedom (0 <= ddof < N)."),),
+    attr_check=_check_ddof,
 )
 
 
 def _norm(x: np.ndarray, axis, keepdims: bool) -> np.ndarray:
+    x = x.astype(float_dtype(x.dtype), copy=False)  # squares of integers would overflow
     return np.sqrt(np.sum(np.square(x), axis=axis, keepdims=keepdims))
 
 
@@ -268,9 +295,7 @@ def _arg_infer(name: str):
         if axis is None:
             shape = (1,) * len(x.shape) if attrs["keepdims"] else ()
             return TensorType(np.dtype("int64"), shape)
-        if not -len(x.shape) <= axis < len(x.shape):
-            raise ShapeError(f"axis {axis} is out of range for rank {len(x.shape)}")
-        axis %= len(x.shape)
+        axis = normalize_axis(axis, len(x.shape))
         kept = tuple(1 if i == axis else d for i, d in enumerate(x.shape))
         reduced = tuple(d for i, d in enumerate(x.shape) if i != axis)
         return TensorType(np.dtype("int64"), kept if attrs["keepdims"] else reduced)

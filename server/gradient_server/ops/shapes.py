@@ -7,13 +7,7 @@ import math
 import numpy as np
 
 from ..tensor_type import TensorType
-from .base import AttrSpec, Call, OpDef, ShapeError, register
-
-
-def _check_shape_attr(shape: tuple[int, ...]) -> None:
-    if any(d < 0 for d in shape):
-        raise ShapeError(f"shape {list(shape)} has a negative dimension")
-
+from .base import AttrSpec, Call, OpDef, ShapeError, check_shape_attr, register
 
 # ---------------------------------------------------------------------------------------------
 # Sources
@@ -70,7 +64,7 @@ register(
 
 
 def _zeros_infer(attrs) -> TensorType:
-    _check_shape_attr(attrs["shape"])
+    check_shape_attr(attrs["shape"])
     return TensorType(attrs["dtype"], attrs["shape"])
 
 
@@ -174,7 +168,7 @@ register(
 
 def _broadcast_to_infer(attrs, x: TensorType) -> TensorType:
     shape = tuple(attrs["shape"])
-    _check_shape_attr(shape)
+    check_shape_attr(shape)
     try:
         if np.broadcast_shapes(x.shape, shape) != shape:
             raise ValueError
@@ -211,7 +205,7 @@ def summed_axes(source: tuple[int, ...], target: tuple[int, ...]) -> tuple[tuple
 
 def _sum_to_shape_infer(attrs, x: TensorType) -> TensorType:
     shape = tuple(attrs["shape"])
-    _check_shape_attr(shape)
+    check_shape_attr(shape)
     try:
         if np.broadcast_shapes(x.shape, shape) != x.shape:
             raise ValueError
