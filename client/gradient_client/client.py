@@ -31,7 +31,18 @@ __all__ = [
 ]
 
 DEFAULT_MAX_MESSAGE_MB = 256
-"""The client's message size limit, matching the server's default."""
+"""The message size limit of the client and, by default, of the server (gRPC's is 4 MB)."""
+
+MAX_MESSAGE_MB = 2000
+"""The largest message size limit: gRPC sizes are 32-bit and protobuf caps messages at 2 GB."""
+
+
+def check_message_mb(value: int) -> int:
+    """`value` if it is a valid message size limit in MiB, else ValueError."""
+    if not 1 <= value <= MAX_MESSAGE_MB:
+        raise ValueError(f"a message size limit must be 1 to {MAX_MESSAGE_MB} MiB, got {value}")
+    return value
+
 
 GraphLike = Graph | Any  # a Graph builder or a gradient.v1.Graph message
 NodeLike = Node | str
@@ -286,7 +297,7 @@ def _op_infos(response: service_pb2.ListOpsResponse) -> list[OpInfo]:
 
 
 def _channel_options(max_message_mb: int) -> list[tuple[str, int]]:
-    size = max_message_mb * 1024 * 1024
+    size = check_message_mb(max_message_mb) * 1024 * 1024
     return [
         ("grpc.max_receive_message_length", size),
         ("grpc.max_send_message_length", size),

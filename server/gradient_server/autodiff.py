@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import GraphError
+from .errors import GraphError, no_deadline
 from .ir import CHECK_EVERY, Graph, Node, infer_node_type, make_node
 from .ops import OPS, GradCall, Ref
 from .tensor_type import TensorType
@@ -99,7 +99,7 @@ def gradient_graph(
     types: Mapping[str, TensorType],
     output: str,
     wrt: Iterable[str],
-    check_deadline: Callable[[], None] = lambda: None,
+    check_deadline: Callable[[], None] = no_deadline,
 ) -> GradientGraph:
     """Append to `graph` (typed by `types`) the backward pass of `output` for the nodes `wrt`.
 

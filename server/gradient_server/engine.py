@@ -13,17 +13,13 @@ import numpy as np
 from gradient.v1 import graph_pb2
 
 from .autodiff import GradientGraph, directional_derivative, gradient_graph
-from .errors import GraphError, LimitExceeded
+from .errors import GraphError, LimitExceeded, no_deadline
 from .executor import Plan
 from .ir import Graph, decode_graph, graph_digest, infer_types
 from .tensor_type import TensorType
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
-
-
-def _never() -> None:
-    return None
 
 
 @dataclass(frozen=True)
@@ -36,26 +32,37 @@ class Limits:
     """Elements of any one tensor, fed or computed."""
     max_bytes: int = 8 << 30
     """Estimated bytes of all the values a request computes (as if none were freed)."""
+    max_check_evaluations: int = 20_000
+    """Forward passes one CheckGradient request may run (two per element or direction)."""
 
 
 class _LRU(Generic[K, V]):
-    """A small thread-safe least-recently-used cache."""
+    """A small thread-safe least-recently-used cache, bounded in entries and in bytes."""
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, max_bytes: int):
         self._size = size
-        self._items: OrderedDict[K, V] = OrderedDict()
+        self._max_bytes = max_bytes
+        self._items: OrderedDict[K, tuple[V, int]] = OrderedDict()
+        self._bytes = 0
         self._lock = threading.Lock()
 
-    def get_or_make(self, key: K, make: Callable[[], V]) -> V:
+    def get_or_make(self, key: K, make: Callable[[], V], nbytes: Callable[[V], int]) -> V:
+        """The cached value of `key`, or make() (cached unless it alone exceeds the budget)."""
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)
-                return self._items[key]
+                return self._items[key][0]
         value = make()
+        weight = nbytes(value)
+        if weight > self._max_bytes:
+            return value
         with self._lock:
-            self._items[key] = value
-            if len(self._items) > self._size:
-                self._items.popitem(last=False)
+            if key not in self._items:
+                self._items[key] = (value, weight)
+                self._bytes += weight
+            while len(self._items) > self._size or self._bytes > self._max_bytes:
+                _, (_, evicted) = self._items.popitem(last=False)
+                self._bytes -= evicted
         return value
 
 
@@ -97,15 +104,18 @@ class Engine:
     """Compiles and runs graphs. Everything that depends only on the graph and the feeds'
     types is cached, so a repeated graph with new input values skips straight to numpy."""
 
-    def __init__(self, limits: Limits | None = None, cache_size: int = 256):
+    def __init__(
+        self, limits: Limits | None = None, cache_size: int = 256, cache_bytes: int = 1 << 30
+    ):
         self.limits = limits or Limits()
-        self._graphs: _LRU[str, Graph] = _LRU(cache_size)
-        self._plans: _LRU[Hashable, object] = _LRU(cache_size)
+        # Cached graphs and plans hold the graphs' constants: the byte budget bounds those.
+        self._graphs: _LRU[str, Graph] = _LRU(cache_size, cache_bytes)
+        self._plans: _LRU[Hashable, object] = _LRU(cache_size, cache_bytes)
 
     # -- graphs ---------------------------------------------------------------------------
 
     def load_graph(
-        self, message: graph_pb2.Graph, check_deadline: Callable[[], None] = _never
+        self, message: graph_pb2.Graph, check_deadline: Callable[[], None] = no_deadline
     ) -> Graph:
         """Decode and validate a Graph message, cached by its content."""
         if len(message.nodes) > self.limits.max_nodes:
@@ -114,7 +124,9 @@ class Engine:
                 f"{self.limits.max_nodes}"
             )
         return self._graphs.get_or_make(
-            graph_digest(message), lambda: decode_graph(message, check_deadline)
+            graph_digest(message),
+            lambda: decode_graph(message, check_deadline),
+            lambda graph: graph.constant_bytes,
         )
 
     def _feed_types(self, graph: Graph, feeds: Mapping[str, np.ndarray]) -> dict[str, TensorType]:
@@ -161,7 +173,7 @@ class Engine:
         graph: Graph,
         feeds: Mapping[str, np.ndarray],
         fetch: Sequence[str] = (),
-        check_deadline: Callable[[], None] = _never,
+        check_deadline: Callable[[], None] = no_deadline,
     ) -> dict[str, np.ndarray]:
         """The values of the `fetch` nodes (every node when empty)."""
         fetch_names = _names(graph, fetch, "fetch")
@@ -173,7 +185,7 @@ class Engine:
             types = infer_types(graph, feed_types, needed, check_deadline)
             return self._check_plan(Plan(graph, types, set(fetch_names)), types)
 
-        plan = self._plans.get_or_make(key, compile_plan)
+        plan = self._plans.get_or_make(key, compile_plan, lambda _: graph.constant_bytes)
         assert isinstance(plan, Plan)
         return plan.run(feeds, check_deadline)
 
@@ -186,7 +198,7 @@ class Engine:
         output: str,
         wrt: Sequence[str],
         fetch: Sequence[str],
-        check_deadline: Callable[[], None] = _never,
+        check_deadline: Callable[[], None] = no_deadline,
     ) -> _GradientPlan:
         """The gradient graph of `output` and the plan computing it, cached."""
         if not output:
@@ -215,7 +227,7 @@ class Engine:
             self._check_plan(plan, combined.types)
             return _GradientPlan(plan, combined, out_type)
 
-        compiled = self._plans.get_or_make(key, compile_plan)
+        compiled = self._plans.get_or_make(key, compile_plan, lambda _: graph.constant_bytes)
         assert isinstance(compiled, _GradientPlan)
         return compiled
 
@@ -227,7 +239,7 @@ class Engine:
         seed: np.ndarray | None = None,
         wrt: Sequence[str] = (),
         fetch: Sequence[str] = (),
-        check_deadline: Callable[[], None] = _never,
+        check_deadline: Callable[[], None] = no_deadline,
     ) -> GradientResult:
         """Values of `fetch` and gradients of `output` with respect to `wrt` (all when empty)."""
         wrt_names = _names(graph, wrt, "wrt")
@@ -251,7 +263,7 @@ class Engine:
         feeds: Mapping[str, np.ndarray],
         output: str,
         wrt: Sequence[str] = (),
-        check_deadline: Callable[[], None] = _never,
+        check_deadline: Callable[[], None] = no_deadline,
     ) -> GradientGraph:
         """The forward-and-backward graph of `output` for `wrt`, typed by the feeds."""
         wrt_names = _names(graph, wrt, "wrt")
@@ -267,7 +279,7 @@ class Engine:
         feeds: Mapping[str, np.ndarray],
         output: str,
         vector: Mapping[str, np.ndarray],
-        check_deadline: Callable[[], None] = _never,
+        check_deadline: Callable[[], None] = no_deadline,
     ) -> dict[str, np.ndarray]:
         """H·v for a scalar output, H the Hessian over the float inputs, by reverse over reverse.
 
@@ -310,7 +322,7 @@ class Engine:
                 plan, combined.seed, dotted.vectors, second.seed, second_seed_type, second.gradients
             )
 
-        compiled = self._plans.get_or_make(key, compile_plan)
+        compiled = self._plans.get_or_make(key, compile_plan, lambda _: graph.constant_bytes)
         assert isinstance(compiled, _HvpPlan)
         out_type = first.output_type
         run_feeds = {

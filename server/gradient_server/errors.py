@@ -14,3 +14,7 @@ class LimitExceeded(Exception):
 
 class DeadlineExceeded(Exception):
     """The request's deadline passed while it was running. Maps to DEADLINE_EXCEEDED."""
+
+
+def no_deadline() -> None:
+    """The deadline check of work that has no deadline: never raises."""

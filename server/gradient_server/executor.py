@@ -42,9 +42,16 @@ class Plan:
             )
             for index, node in enumerate(nodes)
         ]
-        self.inputs = frozenset(node.name for node in nodes if node.op == "input")
+        # Every value as if none were freed, plus the largest scratch space of any one op.
         self.estimated_bytes = sum(
             types[node.name].size * types[node.name].dtype.itemsize for node in nodes
+        ) + max(
+            (
+                step.node.opdef.workspace(step.call)
+                for step in self.steps
+                if step.node.opdef.workspace
+            ),
+            default=0,
         )
 
     def run(

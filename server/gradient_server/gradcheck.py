@@ -9,7 +9,7 @@ from types import MappingProxyType
 import numpy as np
 
 from .engine import Engine
-from .errors import GraphError
+from .errors import GraphError, LimitExceeded, no_deadline
 from .ir import Graph, Node
 
 FLOAT64 = np.dtype("float64")
@@ -84,7 +84,7 @@ def check_gradient(
     seed: np.ndarray | None = None,
     wrt: Sequence[str] = (),
     settings: CheckSettings = CheckSettings(),
-    check_deadline: Callable[[], None] = lambda: None,
+    check_deadline: Callable[[], None] = no_deadline,
 ) -> CheckReport:
     """Compare d(sum(seed * output))/d(node) with central differences for each node of `wrt`.
 
@@ -112,6 +112,7 @@ def check_gradient(
         graph64, feeds64, output, seed.astype(FLOAT64), names, names, check_deadline
     )
 
+    _charge(engine, analytic.gradients, settings)
     nodes: dict[str, NodeCheck] = {}
     for name in names:
         if name not in analytic.gradients:
@@ -126,6 +127,23 @@ def check_gradient(
             objective, analytic.values[name], analytic.gradients[name], settings, rng
         )
     return CheckReport(nodes, dict(analytic.skipped))
+
+
+def _charge(engine: Engine, gradients: Mapping[str, np.ndarray], settings: CheckSettings) -> None:
+    """LimitExceeded if the check would run more forward passes than the server allows."""
+    per_node = [
+        settings.directions
+        if settings.directions > 0
+        else min(g.size, settings.max_elements or g.size)
+        for g in gradients.values()
+    ]
+    evaluations = 2 * sum(per_node)
+    limit = engine.limits.max_check_evaluations
+    if evaluations > limit:
+        raise LimitExceeded(
+            f"the check needs {evaluations} forward passes; the limit (max_check_evaluations) is "
+            f"{limit}: set max_elements or directions to check a sample"
+        )
 
 
 def _check_node(

@@ -21,7 +21,7 @@ from gradient_client.tensors import (
     to_proto,
 )
 
-from .errors import GraphError
+from .errors import GraphError, no_deadline
 from .ops import OPS, AttrSpec, OpDef, ShapeError
 from .ops.base import REQUIRED
 from .tensor_type import TensorType
@@ -55,6 +55,12 @@ class Graph:
     def __init__(self, nodes: Iterable[Node]):
         self.nodes: dict[str, Node] = {node.name: node for node in nodes}
         self.digest = ""
+        self.constant_bytes = sum(
+            value.nbytes
+            for node in self.nodes.values()
+            for value in node.attrs.values()
+            if isinstance(value, np.ndarray)
+        )
 
     def __len__(self) -> int:
         return len(self.nodes)
@@ -75,14 +81,6 @@ class Graph:
                     seen.add(source)
                     stack.append(source)
         return seen
-
-    def consumers(self) -> dict[str, list[str]]:
-        """For each node, the nodes that use it (once per use)."""
-        users: dict[str, list[str]] = {name: [] for name in self.nodes}
-        for node in self.nodes.values():
-            for source in node.inputs:
-                users[source].append(node.name)
-        return users
 
 
 def node_error(node: Node, message: str, types: Iterable[TensorType] = ()) -> GraphError:
@@ -192,12 +190,8 @@ CHECK_EVERY = 4096
 """Long loops over nodes call their check_deadline callback once per this many nodes."""
 
 
-def _no_deadline() -> None:
-    return None
-
-
 def decode_graph(
-    message: graph_pb2.Graph, check_deadline: Callable[[], None] = _no_deadline
+    message: graph_pb2.Graph, check_deadline: Callable[[], None] = no_deadline
 ) -> Graph:
     """Decode and validate a Graph message: names, ops, arity, attributes, references, cycles."""
     nodes: dict[str, Node] = {}
@@ -309,7 +303,7 @@ def infer_types(
     graph: Graph,
     feed_types: Mapping[str, TensorType],
     needed: set[str],
-    check_deadline: Callable[[], None] = _no_deadline,
+    check_deadline: Callable[[], None] = no_deadline,
 ) -> dict[str, TensorType]:
     """The type of every needed node, in topological order; inputs are typed by their feeds."""
     types: dict[str, TensorType] = {}

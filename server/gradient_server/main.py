@@ -9,10 +9,19 @@ import os
 import signal
 import threading
 
+from gradient_client.client import DEFAULT_MAX_MESSAGE_MB, check_message_mb
+
 from .engine import Limits
-from .service import DEFAULT_MAX_MESSAGE_MB, create_server
+from .service import create_server
 
 log = logging.getLogger("gradient_server")
+
+
+def _message_mb(text: str) -> int:
+    try:
+        return check_message_mb(int(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,13 +40,19 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=8, help="request threads per process")
     parser.add_argument(
         "--max-message-mb",
-        type=int,
+        type=_message_mb,
         default=DEFAULT_MAX_MESSAGE_MB,
         help=f"largest request or response in MiB (default {DEFAULT_MAX_MESSAGE_MB})",
     )
     defaults = Limits()
     parser.add_argument("--max-nodes", type=int, default=defaults.max_nodes)
     parser.add_argument("--max-tensor-elements", type=int, default=defaults.max_tensor_elements)
+    parser.add_argument(
+        "--max-check-evaluations",
+        type=int,
+        default=defaults.max_check_evaluations,
+        help="forward passes one CheckGradient request may run",
+    )
     parser.add_argument(
         "--max-bytes",
         type=int,
@@ -53,7 +68,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def serve(args: argparse.Namespace) -> None:
     """Run one server process until SIGTERM or SIGINT, then stop gracefully."""
-    limits = Limits(args.max_nodes, args.max_tensor_elements, args.max_bytes)
+    limits = Limits(
+        args.max_nodes, args.max_tensor_elements, args.max_bytes, args.max_check_evaluations
+    )
     try:
         server, port = create_server(
             f"{args.host}:{args.port}",

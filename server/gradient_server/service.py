@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from gradient.v1 import gradient_service_pb2 as service_pb2
 from gradient.v1 import gradient_service_pb2_grpc as service_grpc
 from gradient.v1 import graph_pb2
+from gradient_client.client import DEFAULT_MAX_MESSAGE_MB, check_message_mb
 from gradient_client.tensors import TensorFormatError, from_proto, to_proto
 
 from .engine import Engine, Limits
@@ -28,7 +29,6 @@ from .ops.base import REQUIRED
 log = logging.getLogger("gradient_server")
 
 SERVICE_NAME = service_pb2.DESCRIPTOR.services_by_name["GradientService"].full_name
-DEFAULT_MAX_MESSAGE_MB = 256
 
 R = TypeVar("R")
 
@@ -327,7 +327,7 @@ def create_server(
 
     Bind "127.0.0.1:0" to get a free port (as the tests do).
     """
-    max_bytes = max_message_mb * 1024 * 1024
+    max_bytes = check_message_mb(max_message_mb) * 1024 * 1024
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gradient"),
         options=[

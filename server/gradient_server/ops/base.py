@@ -108,6 +108,7 @@ class OpDef:
 
     infer(attrs, *input_types) -> TensorType raises ShapeError for bad operands.
     forward(call, *arrays) -> np.ndarray computes the value in numpy.
+    workspace(call) -> int, if set, bounds the bytes forward allocates besides its result.
     backward(b, call, g) -> one Ref or None per operand: the gradient of the output with
     respect to that operand given the output's gradient g. It may return a gradient of a
     broadcast shape or of another float dtype: the engine sums it to the operand's shape and
@@ -123,6 +124,9 @@ class OpDef:
     differentiable: tuple[bool, ...] = ()
     attrs: tuple[AttrSpec, ...] = ()
     variadic: bool = False
+    workspace: Callable[[Call], int] | None = None
+    """Bytes the forward function allocates beyond its result (e.g. unfolded windows), so the
+    engine can charge them against the request's memory limit before running."""
 
     def __post_init__(self) -> None:
         if not self.differentiable:

@@ -219,6 +219,35 @@ def _spatial_out(x_shape, kernel, stride, padding, dilation) -> tuple[int, int]:
     return out
 
 
+def _unfolded_bytes(shape: tuple[int, ...], out_shape: tuple[int, ...], kernel, itemsize: int):
+    """Bytes of the (N, C, Ho, Wo, kh, kw) windows of an NCHW input, once made contiguous."""
+    n, c = shape[:2]
+    return n * c * out_shape[2] * out_shape[3] * kernel[0] * kernel[1] * itemsize
+
+
+def _conv_workspace(call: Call) -> int:
+    x, w = call.input_types
+    return _unfolded_bytes(x.shape, call.type.shape, w.shape[2:], call.type.dtype.itemsize)
+
+
+def _conv_input_grad_workspace(call: Call) -> int:
+    g, w = call.input_types
+    return _unfolded_bytes(call.type.shape, g.shape, w.shape[2:], call.type.dtype.itemsize)
+
+
+def _conv_weight_grad_workspace(call: Call) -> int:
+    x, g = call.input_types
+    return _unfolded_bytes(x.shape, g.shape, call.type.shape[2:], call.type.dtype.itemsize)
+
+
+def _pool_grad_workspace(call: Call) -> int:
+    # The routing weights of every window (a bool mask and its float shares).
+    x = call.input_types[0]
+    out_shape = _pool_infer(call.attrs, TensorType(x.dtype, x.shape)).shape
+    kernel = _pair(call.attrs["kernel"], "kernel")
+    return _unfolded_bytes(x.shape, out_shape, kernel, call.type.dtype.itemsize + 1)
+
+
 # ---------------------------------------------------------------------------------------------
 # Convolution
 
@@ -280,6 +309,7 @@ register(
         _conv2d_forward,
         _conv2d_grad,
         attrs=_conv_attrs(),
+        workspace=_conv_workspace,
     )
 )
 
@@ -322,6 +352,7 @@ register(
         _conv2d_input_grad_forward,
         _conv2d_input_grad_grad,
         attrs=(AttrSpec("input_shape", "ints", doc="Shape of conv2d's input."), *_conv_attrs()),
+        workspace=_conv_input_grad_workspace,
     )
 )
 
@@ -361,6 +392,7 @@ register(
         _conv2d_weight_grad_forward,
         _conv2d_weight_grad_grad,
         attrs=(AttrSpec("weight_shape", "ints", doc="Shape of conv2d's weight."), *_conv_attrs()),
+        workspace=_conv_weight_grad_workspace,
     )
 )
 
@@ -507,6 +539,7 @@ register(
         ),
         differentiable=(False, True),
         attrs=_pool_attrs(),
+        workspace=_pool_grad_workspace,
     )
 )
 
@@ -538,5 +571,6 @@ register(
         ),
         differentiable=(False, True),
         attrs=_pool_attrs(),
+        workspace=_pool_grad_workspace,
     )
 )

@@ -1,0 +1,63 @@
+"""Resource limits: work is charged before it runs, and caches stay within their budget."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+
+from gradient_client import GradientClient, GradientError, Graph
+from gradient_server.engine import Engine, Limits
+from gradient_server.service import create_server
+
+
+@pytest.fixture
+def limited():
+    """A client on a server with small limits."""
+    limits = Limits(max_bytes=10 << 20, max_check_evaluations=100)
+    server, port = create_server("127.0.0.1:0", limits=limits)
+    server.start()
+    with GradientClient(f"127.0.0.1:{port}", timeout=30) as client:
+        yield client
+    server.stop(0)
+
+
+def _exhausted(call) -> str:
+    with pytest.raises(GradientError) as info:
+        call()
+    assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED, info.value.details
+    return info.value.details
+
+
+def test_convolution_windows_are_charged_before_running(limited):
+    # The input is 320 KB, but unfolding it into 50x50 windows would take about 450 MB.
+    g = Graph()
+    g.conv2d(g.input("x"), g.input("w"), name="out")
+    feeds = {"x": np.zeros((1, 1, 200, 200)), "w": np.zeros((1, 1, 50, 50))}
+    assert "max_bytes" in _exhausted(lambda: limited.forward(g, feeds))
+    small = {"x": np.ones((1, 1, 20, 20)), "w": np.ones((1, 1, 3, 3))}
+    assert float(limited.forward(g, small).values["out"][0, 0, 0, 0]) == 9.0
+
+
+def test_gradient_checks_are_charged_before_running(limited):
+    g = Graph()
+    f = g.sum(g.square(g.input("x")))
+    x = np.linspace(-1, 1, 100)
+    assert "max_check_evaluations" in _exhausted(lambda: limited.check_gradient(g, f, {"x": x}))
+    report = limited.check_gradient(g, f, {"x": x}, max_elements=10)
+    assert report.passed and report.nodes["x"].checked == 10
+
+
+def test_caches_stay_within_their_byte_budget():
+    engine = Engine(cache_bytes=3 << 20)
+    graphs = []
+    for i in range(5):
+        g = Graph()
+        g.add(g.input("x"), g.constant(np.full(1 << 17, float(i))), name="out")  # 1 MiB each
+        graphs.append(g)
+    for i, g in enumerate(graphs):
+        compiled = engine.load_graph(g.to_proto())
+        out = engine.forward(compiled, {"x": np.zeros(1 << 17)}, ["out"])["out"]
+        assert out[0] == i
+    cached = sum(weight for _, weight in engine._graphs._items.values())
+    assert 0 < cached <= 3 << 20
