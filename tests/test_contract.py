@@ -54,6 +54,9 @@ def _documentable(file: descriptor_pb2.FileDescriptorProto):
         yield (4, m), message.name
         for f, field in enumerate(message.field):
             yield (4, m, 2, f), f"{message.name}.{field.name}"
+        for o, oneof in enumerate(message.oneof_decl):
+            if not oneof.name.startswith("_"):  # proto3 `optional` makes a synthetic oneof
+                yield (4, m, 8, o), f"{message.name}.{oneof.name}"
     for e, enum in enumerate(file.enum_type):
         yield (5, e), enum.name
         for v, value in enumerate(enum.value):

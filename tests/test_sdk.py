@@ -133,3 +133,40 @@ def test_sdk_imports_only_grpc_protobuf_and_numpy():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert imported.stdout.strip() == "[]", imported.stdout
+
+
+@pytest.mark.parametrize(
+    "value", [["a", "b"], np.array([1, 2], np.uint8), np.float16(1.0), [[1.0], [2.0, 3.0]], 1j]
+)
+def test_inputs_the_wire_cannot_carry_raise_gradient_error(client, value):
+    g = Graph()
+    g.neg(g.input("x"))
+    with pytest.raises(GradientError) as caught:
+        client.forward(g, {"x": value})
+    assert caught.value.code.name == "INVALID_ARGUMENT" and "'x'" in caught.value.details
+
+
+def test_hessian_of_an_input_that_is_not_fed_raises_gradient_error(client):
+    g = Graph()
+    f = g.sum(g.square(g.input("x")))
+    with pytest.raises(GradientError, match="wrt names"):
+        client.hessian(g, f, {"x": [1.0, 2.0]}, wrt=["y"])
+
+
+def test_single_attribute_methods_take_the_attribute_by_name(client):
+    g = Graph()
+    x = g.input("x")
+    nodes = [
+        g.reshape(x, shape=[3, 2]),
+        g.transpose(g.reshape(x, [2, 3]), axes=[1, 0]),
+        g.cast(x, dtype="float32"),
+        g.expand_dims(x, axis=np.int64(0)),
+        g.squeeze(g.reshape(x, [1, 6]), axis=0),
+        g.broadcast_to(x, shape=[2, 6]),
+        g.sum_to_shape(x, shape=[1]),
+        g.sum(x, axis=np.int64(0)),
+    ]
+    values = client.forward(g, {"x": np.arange(6.0)}).values
+    shapes = [values[n.name].shape for n in nodes]
+    assert shapes == [(3, 2), (3, 2), (6,), (1, 6), (6,), (2, 6), (1,), ()]
+    assert values[nodes[2].name].dtype == np.float32

@@ -138,6 +138,14 @@ def _name(node: NodeLike) -> str:
     return node.name if isinstance(node, Node) else node
 
 
+def _tensor(what: str, value: Any, dtype: Any = None) -> Any:
+    """Encode a value sent to the server; GradientError(INVALID_ARGUMENT) if it cannot be."""
+    try:
+        return to_proto(np.asarray(value, dtype=dtype))
+    except (TypeError, ValueError) as e:  # TensorFormatError is a ValueError
+        raise GradientError(grpc.StatusCode.INVALID_ARGUMENT, f"{what}: {e}") from None
+
+
 def _names(nodes: Iterable[NodeLike] | None) -> list[str]:
     return [_name(n) for n in nodes] if nodes is not None else []
 
@@ -151,8 +159,7 @@ def _feeds(graph: GraphLike, inputs: Mapping[str, Any] | None) -> dict[str, Any]
     feeds = {}
     for name, value in (inputs or {}).items():
         key = _name(name)
-        array = np.asarray(value, dtype=declared.get(key))
-        feeds[key] = to_proto(array)
+        feeds[key] = _tensor(f"input {key!r}", value, declared.get(key))
     return feeds
 
 
@@ -175,7 +182,7 @@ def _gradient_request(graph, output, inputs, wrt, seed, fetch) -> service_pb2.Gr
         fetch=_names(fetch),
     )
     if seed is not None:
-        request.seed.CopyFrom(to_proto(np.asarray(seed)))
+        request.seed.CopyFrom(_tensor("seed", seed))
     return request
 
 
@@ -192,7 +199,7 @@ def _check_request(
         random_seed=random_seed,
     )
     if seed is not None:
-        request.seed.CopyFrom(to_proto(np.asarray(seed)))
+        request.seed.CopyFrom(_tensor("seed", seed))
     for name, value in (("eps", eps), ("atol", atol), ("rtol", rtol)):
         if value is not None:
             setattr(request, name, value)
@@ -218,7 +225,9 @@ def _hvp_request(graph, output, inputs, vector) -> service_pb2.HessianVectorProd
         graph=_graph_message(graph),
         inputs=_feeds(graph, inputs),
         output=_name(output),
-        vector={_name(k): to_proto(np.asarray(v, dtype=float)) for k, v in (vector or {}).items()},
+        vector={
+            _name(k): _tensor(f"vector {_name(k)!r}", v, float) for k, v in (vector or {}).items()
+        },
     )
 
 
@@ -251,6 +260,15 @@ def _hessian_from_products(
         shape = shapes[wrt[0]]
         return matrix.reshape(shape + shape)
     return matrix
+
+
+def _input_shapes(inputs: Mapping[str, Any], names: list[str]) -> dict[str, tuple[int, ...]]:
+    missing = [name for name in names if name not in inputs]
+    if missing:
+        raise GradientError(
+            grpc.StatusCode.INVALID_ARGUMENT, f"wrt names {missing}, which are not among the inputs"
+        )
+    return {name: np.shape(inputs[name]) for name in names}
 
 
 def _basis(wrt: list[str], shapes: dict[str, tuple[int, ...]]):
@@ -458,7 +476,7 @@ class GradientClient:
         their flattened values concatenated in `wrt` order.
         """
         names = _names(wrt)
-        shapes = {name: np.shape(inputs[name]) for name in names}
+        shapes = _input_shapes(inputs, names)
         columns = [
             self.hvp(graph, output, inputs, direction, timeout=timeout)
             for direction in _basis(names, shapes)
@@ -594,7 +612,7 @@ class AsyncGradientClient:
     ) -> np.ndarray:
         """See GradientClient.hessian (the products are requested concurrently)."""
         names = _names(wrt)
-        shapes = {name: np.shape(inputs[name]) for name in names}
+        shapes = _input_shapes(inputs, names)
         columns = await asyncio.gather(
             *(
                 self.hvp(graph, output, inputs, direction, timeout=timeout)

@@ -114,6 +114,15 @@ def _binary(op: str, doc: str) -> Callable[..., Node]:
     return method
 
 
+def _ints(value: int | Iterable[int] | None) -> list[int] | None:
+    """An int or ints (numpy integers too) as a list of Python ints; None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, Iterable):
+        return [int(v) for v in value]
+    return [int(value)]
+
+
 def _reduction(op: str, doc: str) -> Callable[..., Node]:
     def method(
         self: Graph,
@@ -123,24 +132,10 @@ def _reduction(op: str, doc: str) -> Callable[..., Node]:
         *,
         name: str | None = None,
     ) -> Node:
-        axes = None if axis is None else ([axis] if isinstance(axis, int) else list(axis))
-        return self.op(op, x, name=name, axis=axes, keepdims=keepdims or None)
+        return self.op(op, x, name=name, axis=_ints(axis), keepdims=keepdims or None)
 
     method.__name__ = method.__qualname__ = op
     method.__doc__ = doc + " `axis`: int or ints (default all); `keepdims` keeps them as size 1."
-    return method
-
-
-def _with_attr(op: str, attr: str, doc: str) -> Callable[..., Node]:
-    def method(self: Graph, x: Operand, value: Any = None, *, name: str | None = None) -> Node:
-        if attr in ("shape", "axes") and value is not None:
-            value = [int(v) for v in value]
-        if attr == "dtype":
-            value = np.dtype(value).name
-        return self.op(op, x, name=name, **{attr: value})
-
-    method.__name__ = method.__qualname__ = op
-    method.__doc__ = doc
     return method
 
 
@@ -353,8 +348,7 @@ class Graph:
         name: str | None = None,
     ) -> Node:
         """Variance over axes, dividing by N - ddof."""
-        axes = None if axis is None else ([axis] if isinstance(axis, int) else list(axis))
-        return self.op("var", x, name=name, axis=axes, keepdims=keepdims or None, ddof=ddof)
+        return self.op("var", x, name=name, axis=_ints(axis), keepdims=keepdims or None, ddof=ddof)
 
     def argmax(
         self,
@@ -380,8 +374,18 @@ class Graph:
 
     # -- shape and indexing ---------------------------------------------------------------
 
-    expand_dims = _with_attr("expand_dims", "axis", "x with new size-1 axes at positions axis.")
-    squeeze = _with_attr("squeeze", "axis", "x without size-1 axes (the given ones, or all).")
+    def expand_dims(
+        self, x: Operand, axis: int | Sequence[int], *, name: str | None = None
+    ) -> Node:
+        """x with new size-1 axes at the positions `axis` (of the result)."""
+        return self.op("expand_dims", x, name=name, axis=_ints(axis))
+
+    def squeeze(
+        self, x: Operand, axis: int | Sequence[int] | None = None, *, name: str | None = None
+    ) -> Node:
+        """x without its size-1 axes (those in `axis`, or all)."""
+        return self.op("squeeze", x, name=name, axis=_ints(axis))
+
     concat = _variadic("concat", "The inputs joined along an existing axis.")
     stack = _variadic("stack", "The inputs (of one shape) joined along a new axis.")
 
@@ -543,11 +547,27 @@ class Graph:
     max_pool2d = _pool("max_pool2d", "Maximum over 2-D windows of NCHW x (ties share).")
     avg_pool2d = _pool("avg_pool2d", "Average over 2-D windows of NCHW x (padding counts as 0).")
 
-    reshape = _with_attr("reshape", "shape", "x with a new shape (one entry may be -1).")
-    transpose = _with_attr("transpose", "axes", "x with axes permuted (reversed by default).")
-    broadcast_to = _with_attr("broadcast_to", "shape", "x broadcast to a shape.")
-    sum_to_shape = _with_attr("sum_to_shape", "shape", "x summed down to a shape.")
-    cast = _with_attr("cast", "dtype", "x converted to a dtype such as 'float32'.")
+    def reshape(self, x: Operand, shape: Sequence[int], *, name: str | None = None) -> Node:
+        """x with a new shape of the same size (one entry may be -1)."""
+        return self.op("reshape", x, name=name, shape=_ints(shape))
+
+    def transpose(
+        self, x: Operand, axes: Sequence[int] | None = None, *, name: str | None = None
+    ) -> Node:
+        """x with its axes permuted (reversed when `axes` is None)."""
+        return self.op("transpose", x, name=name, axes=_ints(axes))
+
+    def broadcast_to(self, x: Operand, shape: Sequence[int], *, name: str | None = None) -> Node:
+        """x broadcast to `shape`, as numpy.broadcast_to."""
+        return self.op("broadcast_to", x, name=name, shape=_ints(shape))
+
+    def sum_to_shape(self, x: Operand, shape: Sequence[int], *, name: str | None = None) -> Node:
+        """x summed down to `shape` (which broadcasts to x's): the adjoint of broadcast_to."""
+        return self.op("sum_to_shape", x, name=name, shape=_ints(shape))
+
+    def cast(self, x: Operand, dtype: str | np.dtype | type, *, name: str | None = None) -> Node:
+        """x converted to `dtype` ("float32", np.float64, ...)."""
+        return self.op("cast", x, name=name, dtype=np.dtype(dtype).name)
 
     def where(self, cond: Operand, x: Operand, y: Operand, *, name: str | None = None) -> Node:
         """x where cond is true, y elsewhere, broadcasting."""

@@ -7,6 +7,7 @@ executed, returned, drawn and differentiated again.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -177,7 +178,10 @@ def gradient_graph(
     keep = Graph([*forward, *builder.nodes]).ancestors(result_names.values())
     backward = [node for node in builder.nodes if node.name in keep or node.name == seed.name]
     combined = Graph([*forward, *backward])
-    combined.digest = graph.digest
+    # The combined graph is determined by the forward graph, the request and the sources' types.
+    sources = sorted((n, str(t)) for n, t in types.items() if graph[n].op == "input")
+    identity = repr((graph.digest, output, wrt, sources)).encode()
+    combined.digest = hashlib.sha256(identity).hexdigest()
     kept_types = {name: all_types[name] for name in combined.nodes}
     return GradientGraph(combined, kept_types, result_names, skipped, seed.name)
 

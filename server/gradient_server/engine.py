@@ -92,6 +92,13 @@ class _HvpPlan:
     gradients: dict[str, str]
 
 
+def check_output(graph: Graph, output: str) -> None:
+    """GraphError unless `output` names a node of the graph."""
+    if not output:
+        raise GraphError("no output was named: say which node to differentiate")
+    _names(graph, [output], "output")
+
+
 def _names(graph: Graph, names: Sequence[str], what: str) -> list[str]:
     """Validate requested node names; empty means every node of the graph."""
     for name in names:
@@ -201,9 +208,7 @@ class Engine:
         check_deadline: Callable[[], None] = no_deadline,
     ) -> _GradientPlan:
         """The gradient graph of `output` and the plan computing it, cached."""
-        if not output:
-            raise GraphError("no output was named: say which node to differentiate")
-        _names(graph, [output], "output")
+        check_output(graph, output)
         key = (
             "gradient",
             graph.digest,

@@ -8,7 +8,7 @@ from types import MappingProxyType
 
 import numpy as np
 
-from .engine import Engine
+from .engine import Engine, check_output
 from .errors import GraphError, LimitExceeded, no_deadline
 from .ir import Graph, Node
 
@@ -91,6 +91,7 @@ def check_gradient(
     Default `wrt`: every input fed a float tensor. A non-scalar output without a seed gets a
     random normal seed.
     """
+    check_output(graph, output)
     if settings.eps <= 0:
         raise GraphError("eps must be positive")
     rng = np.random.default_rng(settings.random_seed)

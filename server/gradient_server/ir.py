@@ -139,12 +139,13 @@ def make_node(name: str, op: str, inputs: Iterable[str], attrs: Mapping[str, Any
     for spec in opdef.attrs:
         value = attrs.get(spec.name, spec.default)
         assert value is not REQUIRED, f"{op} needs attribute {spec.name}"
-        full[spec.name] = None if value is None else _canonical(spec.kind, value)
+        full[spec.name] = None if value is None else canonical_attr(spec.kind, value)
     assert set(attrs) <= set(full), f"{op} has no attributes {set(attrs) - set(full)}"
     return Node(name, op, tuple(inputs), MappingProxyType(full))
 
 
-def _canonical(kind: str, value: Any) -> Any:
+def canonical_attr(kind: str, value: Any) -> Any:
+    """An attribute value of `kind` in the form decoded attributes take."""
     if kind in ("ints", "axes"):
         return tuple(int(v) for v in (value if isinstance(value, Iterable) else [value]))
     if kind == "floats":
@@ -182,7 +183,9 @@ def _decode_node(message: graph_pb2.Node) -> Node:
         elif spec.default is REQUIRED:
             raise GraphError(f"node {name!r} (op {op}): missing attribute {spec.name!r}")
         else:
-            attrs[spec.name] = None if spec.default is None else _canonical(spec.kind, spec.default)
+            attrs[spec.name] = (
+                None if spec.default is None else canonical_attr(spec.kind, spec.default)
+            )
     return Node(name, op, tuple(message.inputs), MappingProxyType(attrs))
 
 
@@ -252,7 +255,8 @@ def _describe_cycle(nodes: Mapping[str, Node], stuck: set[str]) -> str:
 # Encoding
 
 
-def _encode_attr(kind: str, value: Any) -> graph_pb2.AttrValue:
+def encode_attr(kind: str, value: Any) -> graph_pb2.AttrValue:
+    """The wire form of an attribute value of `kind` (in its decoded form)."""
     if kind in ("ints", "axes"):
         return graph_pb2.AttrValue(ints=graph_pb2.IntList(values=list(value)))
     if kind == "floats":
@@ -276,9 +280,9 @@ def encode_graph(graph: Graph) -> graph_pb2.Graph:
                 continue
             default = spec.default
             if default is not REQUIRED and default is not None and spec.kind != "tensor":
-                if value == _canonical(spec.kind, default):
+                if value == canonical_attr(spec.kind, default):
                     continue
-            entry.attrs[spec.name].CopyFrom(_encode_attr(spec.kind, value))
+            entry.attrs[spec.name].CopyFrom(encode_attr(spec.kind, value))
     return message
 
 

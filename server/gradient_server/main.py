@@ -8,6 +8,7 @@ import multiprocessing
 import os
 import signal
 import threading
+import warnings
 
 from gradient_client.client import DEFAULT_MAX_MESSAGE_MB, check_message_mb
 
@@ -68,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def serve(args: argparse.Namespace) -> None:
     """Run one server process until SIGTERM or SIGINT, then stop gracefully."""
+    # numpy warns on stderr about requests' values (e.g. the mean of an empty slice is nan);
+    # those results are the client's to see, not the operator's log.
+    warnings.filterwarnings("ignore", category=RuntimeWarning)
     limits = Limits(
         args.max_nodes, args.max_tensor_elements, args.max_bytes, args.max_check_evaluations
     )

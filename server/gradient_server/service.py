@@ -22,7 +22,7 @@ from gradient_client.tensors import TensorFormatError, from_proto, to_proto
 from .engine import Engine, Limits
 from .errors import DeadlineExceeded, GraphError, LimitExceeded
 from .gradcheck import CheckSettings, check_gradient
-from .ir import encode_graph
+from .ir import canonical_attr, encode_attr, encode_graph
 from .ops import OPS, AttrSpec, OpDef
 from .ops.base import REQUIRED
 
@@ -114,8 +114,6 @@ class GradientServicer(service_grpc.GradientServiceServicer):
                 directions=max(request.directions, 0),
                 random_seed=request.random_seed,
             )
-            if not request.output:
-                raise GraphError("no output was named: say which node to differentiate")
             report = check_gradient(
                 self.engine,
                 graph,
@@ -215,23 +213,10 @@ class GradientServicer(service_grpc.GradientServiceServicer):
         context.abort(code, details)
 
 
-def _attr_default(spec: AttrSpec) -> Any:
-    value = spec.default
-    if value is REQUIRED or value is None:
+def _attr_default(spec: AttrSpec) -> graph_pb2.AttrValue | None:
+    if spec.default is REQUIRED or spec.default is None:
         return None
-    if spec.kind == "bool":
-        return graph_pb2.AttrValue(b=value)
-    if spec.kind == "int":
-        return graph_pb2.AttrValue(i=value)
-    if spec.kind == "float":
-        return graph_pb2.AttrValue(f=value)
-    if spec.kind in ("ints", "axes"):
-        return graph_pb2.AttrValue(ints=graph_pb2.IntList(values=value))
-    if spec.kind == "floats":
-        return graph_pb2.AttrValue(floats=graph_pb2.FloatList(values=value))
-    if spec.kind in ("string", "dtype"):
-        return graph_pb2.AttrValue(s=str(value))
-    raise AssertionError(f"no wire form for a default of kind {spec.kind}")
+    return encode_attr(spec.kind, canonical_attr(spec.kind, spec.default))
 
 
 def _op_info(op: OpDef) -> service_pb2.OpInfo:
