@@ -605,6 +605,33 @@ def test_gradient_matches_finite_differences(client, engine, row):
         )
 
 
+def _one_row_per_op() -> list[Row]:
+    seen: dict[str, Row] = {}
+    for row in OP_ROWS:
+        if row.op is not None and row.op not in seen:
+            seen[row.op] = row
+    return list(seen.values())
+
+
+@pytest.mark.parametrize("row", _one_row_per_op(), ids=lambda row: row.id)
+def test_check_gradient_rpc_passes_for_every_op(client, engine, row):
+    """The server's own CheckGradient agrees, op by op, at the rows' random points."""
+    rng = rng_for("check-" + row.id)
+    g = Graph()
+    operands = [g.input(f"x{i}") for i in range(len(row.shapes))]
+    out = row.build(g, *operands)
+    feeds = {
+        node.name: domain(rng, shape)
+        for node, domain, shape in zip(operands, row.domains, row.shapes, strict=True)
+    }
+    out_shape = engine.forward(engine.load_graph(g.to_proto()), feeds, [out.name])[out.name].shape
+    report = client.check_gradient(g, out, feeds, seed=rng.standard_normal(out_shape))
+    float_inputs = {name for name, value in feeds.items() if value.dtype.kind == "f"}
+    assert report.passed, report
+    assert set(report.nodes) == float_inputs
+    assert all(check.checked == feeds[name].size for name, check in report.nodes.items())
+
+
 # ---------------------------------------------------------------------------------------------
 # Exact values at points where finite differences are not valid
 
