@@ -202,6 +202,23 @@ def test_draw_dot_with_values(cli, tmp_path):
     assert '<font color="darkgreen">3</font><br/><font color="red">-4</font>' in dot
 
 
+def test_draw_the_backward_graph(cli):
+    # f = q * z: the backward pass is grad_q = seed * z = -4 and grad_z = seed * q = 3.
+    code, out, _ = cli("draw", SCALAR, *LECTURE_INPUTS, "--backward")
+    assert code == 0 and out.startswith("digraph gradient {")
+    for name in ("grad/seed_1", "grad/mul_2", "grad/mul_3"):
+        assert f"<b>{name}</b>" in out, name
+    assert '<b>grad/mul_2</b><br/><font color="gray30" point-size="10">mul</font><br/>' in out
+    assert '<font color="darkgreen">-4</font>' in out and '<font color="darkgreen">3</font>' in out
+
+
+def test_draw_backward_needs_inputs(cli, capsys):
+    with pytest.raises(SystemExit) as exited:
+        cli("draw", SCALAR, "--backward")
+    assert exited.value.code == 2
+    assert "--backward needs the inputs" in capsys.readouterr().err
+
+
 def test_draw_bare_graph_to_stdout(cli):
     code, out, _ = cli("draw", VECTORIZED)
     assert code == 0 and out.startswith("digraph gradient {")

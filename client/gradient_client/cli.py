@@ -367,12 +367,17 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 def _cmd_draw(args: argparse.Namespace) -> int:
     graph = _read_graph(args.graph)
-    result = None
+    result: Any = None
+    if args.backward and not (args.input or args.inputs_file):
+        raise _Usage("--backward needs the inputs: the backward graph depends on their shapes")
     if args.input or args.inputs_file:
         inputs = _inputs(args, graph)
         output = _output(args, graph)
         with _client(args) as client:
-            result = client.gradient(graph, output, inputs, seed=args.seed)
+            if args.backward:
+                graph, result = _backward(client, graph, output, inputs, args.seed)
+            else:
+                result = client.gradient(graph, output, inputs, seed=args.seed)
     if args.out is None or args.out == "-":
         sys.stdout.write(to_dot(graph, result))
         return 0
@@ -382,6 +387,16 @@ def _cmd_draw(args: argparse.Namespace) -> int:
         raise _Failure(f"cannot write {args.out}: {error}") from None
     print(f"wrote {path}")
     return 0
+
+
+def _backward(client: GradientClient, graph: Any, output: str, inputs: dict, seed: Any):
+    """The forward-and-backward graph of `output`, and the values of all its nodes."""
+    backward = client.gradient_graph(graph, output, inputs)
+    if seed is None:
+        shape = client.forward(graph, inputs, [output]).values[output].shape
+        seed = np.ones(shape)
+    values = client.forward(backward.graph, {**inputs, backward.seed: seed})
+    return backward.graph, values
 
 
 def _cmd_hvp(args: argparse.Namespace) -> int:
@@ -537,6 +552,11 @@ def _parser() -> argparse.ArgumentParser:
         help="FILE.svg, .png, .pdf (need Graphviz) or .dot; default: DOT text on stdout",
     )
     drawing.add_argument("--format", help="output format, overriding the file's suffix")
+    drawing.add_argument(
+        "--backward",
+        action="store_true",
+        help="draw the backward pass as a graph (forward and gradient nodes, with their values)",
+    )
 
     hvp = command(
         "hvp",
