@@ -248,3 +248,28 @@ def max_pool2d_gather_ref(x, u, kernel, stride=None, padding=None) -> np.ndarray
         window = xp[:, :, rows, cols]
         out[:, :, i, j] = (_max_routing(window) * up[:, :, rows, cols]).sum(axis=(2, 3))
     return out
+
+
+# Ops that have no gradient at all, and why (shared by the first- and second-order tables).
+_SOURCE = "a source: it has no operands, so there is nothing to differentiate"
+_COMPARISON = "a comparison: its output is bool, piecewise constant in its operands"
+_LOGIC = "logic: bool operands and a bool output"
+_INDEX = "an index: its int64 output is piecewise constant in x"
+
+NOT_DIFFERENTIABLE: dict[str, str] = {
+    "input": _SOURCE,
+    "constant": _SOURCE,
+    "zeros": _SOURCE,
+    "equal": _COMPARISON,
+    "not_equal": _COMPARISON,
+    "greater": _COMPARISON,
+    "greater_equal": _COMPARISON,
+    "less": _COMPARISON,
+    "less_equal": _COMPARISON,
+    "logical_and": _LOGIC,
+    "logical_or": _LOGIC,
+    "logical_not": _LOGIC,
+    "argmax": _INDEX,
+    "argmin": _INDEX,
+    "one_hot": "its only operand is integer indices",
+}

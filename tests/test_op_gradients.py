@@ -24,6 +24,7 @@ import grpc
 import numpy as np
 import pytest
 from gradcheck import (
+    NOT_DIFFERENTIABLE,
     Domain,
     avg_pool2d_grad_ref,
     avg_pool2d_ref,
@@ -1056,28 +1057,6 @@ def test_mixed_precision_promotes_and_casts_gradients_back(client):
 # ---------------------------------------------------------------------------------------------
 # Ops without gradients, and coverage
 
-_SOURCE = "a source: it has no operands, so there is nothing to differentiate"
-_COMPARISON = "a comparison: its output is bool, piecewise constant in its operands"
-_LOGIC = "logic: bool operands and a bool output"
-_INDEX = "an index: its int64 output is piecewise constant in x"
-
-NOT_DIFFERENTIABLE: dict[str, str] = {
-    "input": _SOURCE,
-    "constant": _SOURCE,
-    "zeros": _SOURCE,
-    "equal": _COMPARISON,
-    "not_equal": _COMPARISON,
-    "greater": _COMPARISON,
-    "greater_equal": _COMPARISON,
-    "less": _COMPARISON,
-    "less_equal": _COMPARISON,
-    "logical_and": _LOGIC,
-    "logical_or": _LOGIC,
-    "logical_not": _LOGIC,
-    "argmax": _INDEX,
-    "argmin": _INDEX,
-    "one_hot": "its only operand is integer indices",
-}
 """Ops with no gradient test row, and why."""
 
 COMPARISONS: dict[str, Callable[..., np.ndarray]] = {

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import pytest
 from gradcheck import (
+    NOT_DIFFERENTIABLE,
     Domain,
     boolean,
     distinct,
@@ -940,28 +941,7 @@ FORMS = ["plain", "squared"]
 """plain: f = sum(seed * op(...)). squared: f = sum(seed * op(...)²), so the second derivative
 runs through the op's gradient rule with an upstream gradient that depends on the inputs."""
 
-_SOURCE = "a source: it has no operands, so there is nothing to differentiate"
-_COMPARISON = "a comparison: its output is bool, so it cannot be the output of f"
-_LOGIC = "logic: bool operands and a bool output"
-_INDEX = "an index: its int64 output is piecewise constant (no float output to differentiate)"
-
-NO_SECOND_ORDER: dict[str, str] = {
-    "input": _SOURCE,
-    "constant": _SOURCE,
-    "zeros": _SOURCE,
-    "equal": _COMPARISON,
-    "not_equal": _COMPARISON,
-    "greater": _COMPARISON,
-    "greater_equal": _COMPARISON,
-    "less": _COMPARISON,
-    "less_equal": _COMPARISON,
-    "logical_and": _LOGIC,
-    "logical_or": _LOGIC,
-    "logical_not": _LOGIC,
-    "argmax": _INDEX,
-    "argmin": _INDEX,
-    "one_hot": "its only operand is integer indices: nothing to perturb",
-}
+NO_SECOND_ORDER: dict[str, str] = dict(NOT_DIFFERENTIABLE)
 """Ops with no second-order row, and why."""
 
 
