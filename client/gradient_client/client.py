@@ -131,7 +131,7 @@ class OpInfo:
 
 
 def _graph_message(graph: GraphLike) -> Any:
-    return graph.to_proto() if isinstance(graph, Graph) else graph
+    return graph.message() if isinstance(graph, Graph) else graph
 
 
 def _name(node: NodeLike) -> str:

@@ -202,6 +202,7 @@ class Graph:
         self._nodes: dict[str, graph_pb2.Node] = {}
         self._handles: dict[str, Node] = {}
         self._counter = 0
+        self._message: graph_pb2.Graph | None = None
 
     # -- structure ------------------------------------------------------------------------
 
@@ -221,8 +222,19 @@ class Graph:
         return list(self._handles.values())
 
     def to_proto(self) -> graph_pb2.Graph:
-        """The graph as a gradient.v1.Graph message."""
-        return graph_pb2.Graph(nodes=list(self._nodes.values()))
+        """The graph as a gradient.v1.Graph message (a new one, free to modify)."""
+        message = graph_pb2.Graph()
+        message.CopyFrom(self.message())
+        return message
+
+    def message(self) -> graph_pb2.Graph:
+        """The graph as a message, built once and shared until a node is added: don't modify it.
+
+        The client sends this, so a graph used for many calls is encoded only once.
+        """
+        if self._message is None:
+            self._message = graph_pb2.Graph(nodes=list(self._nodes.values()))
+        return self._message
 
     @classmethod
     def from_proto(cls, message: graph_pb2.Graph) -> Graph:
@@ -238,6 +250,7 @@ class Graph:
         if message.name in self._nodes:
             raise ValueError(f"the graph already has a node named {message.name!r}")
         self._nodes[message.name] = message
+        self._message = None
         handle = Node(self, message.name, message.op)
         self._handles[message.name] = handle
         return handle
