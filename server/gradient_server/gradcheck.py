@@ -124,9 +124,10 @@ def check_gradient(
             values = engine.forward(target, {**feeds64, name: value}, [output], check_deadline)
             return float(np.sum(seed * values[output]))
 
-        nodes[name] = _check_node(
-            objective, analytic.values[name], analytic.gradients[name], settings, rng
-        )
+        with np.errstate(all="ignore"):  # inf and nan are results to report, not warnings
+            nodes[name] = _check_node(
+                objective, analytic.values[name], analytic.gradients[name], settings, rng
+            )
     return CheckReport(nodes, dict(analytic.skipped))
 
 
