@@ -40,8 +40,22 @@ DTYPE_NAMES: dict[str, np.dtype] = {
 MAX_RANK = 32
 """Most dimensions a tensor may have (numpy allows 64)."""
 
-MAX_DIMENSION = 2**62
-"""Largest size of one dimension (numpy's sizes are int64)."""
+
+
+def shape_problem(shape: tuple[int, ...]) -> str | None:
+    """Why numpy could not hold an array of this shape, or None if it can.
+
+    numpy needs the product of the non-zero dimensions, in bytes, to fit in an int64, even when
+    another dimension is 0; 2**60 elements leaves room for every supported dtype. (A non-empty
+    shape that large is left to the element limits, which answer RESOURCE_EXHAUSTED.)
+    """
+    if any(d < 0 for d in shape):
+        return f"shape {list(shape)} has a negative dimension"
+    if len(shape) > MAX_RANK:
+        return f"shape has {len(shape)} dimensions; the most is {MAX_RANK}"
+    if 0 in shape and math.prod(max(d, 1) for d in shape) > 2**60:
+        return f"shape {list(shape)} is too large for any array"
+    return None
 
 
 class TensorFormatError(ValueError):
@@ -91,12 +105,9 @@ def from_proto(tensor: tensor_pb2.Tensor, *, writeable: bool = False) -> np.ndar
     if dtype is None:
         raise TensorFormatError(f"tensor dtype {tensor.dtype} is not set or not known")
     shape = tuple(tensor.shape)
-    if any(d < 0 for d in shape):
-        raise TensorFormatError(f"tensor shape {list(shape)} has a negative dimension")
-    if len(shape) > MAX_RANK:
-        raise TensorFormatError(f"tensor has {len(shape)} dimensions; the most is {MAX_RANK}")
-    if any(d > MAX_DIMENSION for d in shape):
-        raise TensorFormatError(f"tensor shape {list(shape)} has a dimension above 2**62")
+    problem = shape_problem(shape)
+    if problem is not None:
+        raise TensorFormatError(f"tensor {problem}")
     count = math.prod(shape)
     forms = {
         "data": len(tensor.data),

@@ -13,11 +13,10 @@ import numpy as np
 
 from gradient.v1 import graph_pb2
 from gradient_client.tensors import (
-    MAX_DIMENSION,
-    MAX_RANK,
     TensorFormatError,
     dtype_from_name,
     from_proto,
+    shape_problem,
     to_proto,
 )
 
@@ -296,10 +295,9 @@ def infer_node_type(node: Node, input_types: tuple[TensorType, ...]) -> TensorTy
         result = node.opdef.infer(node.attrs, *input_types)
     except ShapeError as e:
         raise node_error(node, str(e), input_types) from None
-    if len(result.shape) > MAX_RANK or any(not 0 <= d <= MAX_DIMENSION for d in result.shape):
-        raise node_error(
-            node, f"result shape {list(result.shape)} is not a valid shape", input_types
-        )
+    problem = shape_problem(result.shape)
+    if problem is not None:
+        raise node_error(node, f"its result's {problem}", input_types)
     return result
 
 
