@@ -163,12 +163,18 @@ def _pair(value: tuple[int, ...], what: str) -> tuple[int, int]:
     raise ShapeError(f"{what} must be an int or a pair, got {list(value)}")
 
 
+_MAX_GEOMETRY = 1 << 20
+"""Largest kernel, stride, padding or dilation (beyond it, only the limits would answer)."""
+
+
 def _geometry(attrs, kernel: tuple[int, int]):
     stride = _pair(attrs["stride"] or kernel, "stride")
     padding = _pair(attrs["padding"], "padding")
     dilation = _pair(attrs.get("dilation") or (1,), "dilation")
     if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0 or min(kernel) < 1:
         raise ShapeError("kernel, stride and dilation must be >= 1 and padding >= 0")
+    if max(*stride, *dilation, *padding, *kernel) > _MAX_GEOMETRY:
+        raise ShapeError(f"kernel, stride, padding and dilation must be at most {_MAX_GEOMETRY}")
     return stride, padding, dilation
 
 
@@ -225,27 +231,61 @@ def _unfolded_bytes(shape: tuple[int, ...], out_shape: tuple[int, ...], kernel, 
     return n * c * out_shape[2] * out_shape[3] * kernel[0] * kernel[1] * itemsize
 
 
+def _padded_bytes(shape: tuple[int, ...], padding, itemsize: int) -> int:
+    """Bytes of a padded copy of an NCHW array."""
+    n, c, h, w = shape
+    return n * c * (h + 2 * padding[0]) * (w + 2 * padding[1]) * itemsize
+
+
 def _conv_workspace(call: Call) -> int:
+    # The padded input and its unfolded windows.
     x, w = call.input_types
-    return _unfolded_bytes(x.shape, call.type.shape, w.shape[2:], call.type.dtype.itemsize)
+    itemsize = call.type.dtype.itemsize
+    padding = _pair(call.attrs["padding"], "padding")
+    unfolded = _unfolded_bytes(x.shape, call.type.shape, w.shape[2:], itemsize)
+    return _padded_bytes(x.shape, padding, itemsize) + unfolded
 
 
 def _conv_input_grad_workspace(call: Call) -> int:
+    # The windows' contributions and the padded result they are added into.
     g, w = call.input_types
-    return _unfolded_bytes(call.type.shape, g.shape, w.shape[2:], call.type.dtype.itemsize)
+    itemsize = call.type.dtype.itemsize
+    padding = _pair(call.attrs["padding"], "padding")
+    unfolded = _unfolded_bytes(call.type.shape, g.shape, w.shape[2:], itemsize)
+    return _padded_bytes(call.type.shape, padding, itemsize) + unfolded
 
 
 def _conv_weight_grad_workspace(call: Call) -> int:
     x, g = call.input_types
-    return _unfolded_bytes(x.shape, g.shape, call.type.shape[2:], call.type.dtype.itemsize)
+    itemsize = call.type.dtype.itemsize
+    padding = _pair(call.attrs["padding"], "padding")
+    unfolded = _unfolded_bytes(x.shape, g.shape, call.type.shape[2:], itemsize)
+    return _padded_bytes(x.shape, padding, itemsize) + unfolded
 
 
-def _pool_grad_workspace(call: Call) -> int:
-    # The routing weights of every window (a bool mask and its float shares).
+def _pool_workspace(call: Call) -> int:
+    # The padded input; the window reductions read it through a strided view.
     x = call.input_types[0]
+    padding = _pair(call.attrs["padding"], "padding")
+    return _padded_bytes(x.shape, padding, call.type.dtype.itemsize)
+
+
+def _avg_pool_grad_workspace(call: Call) -> int:
+    # The padded result the windows' shares are added into.
+    padding = _pair(call.attrs["padding"], "padding")
+    return _padded_bytes(call.type.shape, padding, call.type.dtype.itemsize)
+
+
+def _max_pool_grad_workspace(call: Call) -> int:
+    # Padded copies of x and of the result, and the routing weights of every window (a bool
+    # mask and its float shares).
+    x = call.input_types[0]
+    itemsize = call.type.dtype.itemsize
+    padding = _pair(call.attrs["padding"], "padding")
     out_shape = _pool_infer(call.attrs, TensorType(x.dtype, x.shape)).shape
     kernel = _pair(call.attrs["kernel"], "kernel")
-    return _unfolded_bytes(x.shape, out_shape, kernel, call.type.dtype.itemsize + 1)
+    routing = _unfolded_bytes(x.shape, out_shape, kernel, itemsize + 1)
+    return 2 * _padded_bytes(x.shape, padding, itemsize) + routing
 
 
 # ---------------------------------------------------------------------------------------------
@@ -450,6 +490,7 @@ register(
             ),
         ),
         attrs=_pool_attrs(),
+        workspace=_pool_workspace,
     )
 )
 
@@ -478,6 +519,7 @@ register(
         _avg_pool_grad_forward,
         lambda b, call, u: (b.avg_pool2d(u, **_pool_attr_values(call.attrs)),),
         attrs=(AttrSpec("input_shape", "ints", doc="Shape of avg_pool2d's input."), *_pool_attrs()),
+        workspace=_avg_pool_grad_workspace,
     )
 )
 
@@ -508,6 +550,7 @@ register(
         _max_pool_forward,
         lambda b, call, g: (b.max_pool2d_grad(call.inputs[0], g, **_pool_attr_values(call.attrs)),),
         attrs=_pool_attrs(),
+        workspace=_pool_workspace,
     )
 )
 
@@ -539,7 +582,7 @@ register(
         ),
         differentiable=(False, True),
         attrs=_pool_attrs(),
-        workspace=_pool_grad_workspace,
+        workspace=_max_pool_grad_workspace,
     )
 )
 
@@ -571,6 +614,6 @@ register(
         ),
         differentiable=(False, True),
         attrs=_pool_attrs(),
-        workspace=_pool_grad_workspace,
+        workspace=_max_pool_grad_workspace,
     )
 )
