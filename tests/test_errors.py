@@ -707,3 +707,17 @@ def test_softmax_over_an_empty_axis(client):
     out = g.softmax(g.input("x"), name="out")
     result = client.gradient(g, out, {"x": np.zeros((2, 0))}, seed=np.zeros((2, 0)))
     assert result.values["out"].shape == (2, 0) and result.gradients["x"].shape == (2, 0)
+
+
+def test_kernels_with_too_many_positions_are_invalid_arguments(client):
+    g = Graph()
+    g.avg_pool2d_grad(
+        g.input("g"),
+        name="bad",
+        input_shape=[1, 1, 1, 1],
+        kernel=[2800, 2800],
+        padding=[1400, 1400],
+    )
+    expect_error(
+        client, lambda: client.forward(g, {"g": np.ones((1, 1, 1, 1))}), "'bad'", "positions"
+    )

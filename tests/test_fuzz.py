@@ -715,6 +715,20 @@ KNOWN_CASES = {
         ),
         g=_feed(1, 1000, 1, 1),
     ),
+    # avg_pool2d_grad adds each kernel offset's share in turn: millions of rows were millions
+    # of steps inside one op, which no deadline interrupts, and 64 MB of uncharged padding.
+    "avg_pool2d_grad with a kernel of millions of rows": _forward(
+        _node("g", "input"),
+        _node(
+            "q",
+            "avg_pool2d_grad",
+            "g",
+            input_shape=[1, 1, 1, 1],
+            kernel=[8_000_000, 1],
+            padding=[4_000_000, 0],
+        ),
+        g=_feed(1, 1, 1, 1),
+    ),
 }
 
 
@@ -725,27 +739,3 @@ def test_known_bad_requests(stub, request_):
     if response is not None:
         assert_decodes("Forward", response)
     assert_serves_lecture(stub, timeout=LECTURE_TIMEOUT)
-
-
-def test_work_stops_soon_after_the_deadline(stub):
-    # avg_pool2d_grad spreads each window offset in turn: a tall kernel makes millions of
-    # steps inside one op (8 bytes each, and no limit charged), which no deadline interrupts.
-    request = _forward(
-        _node("g", "input"),
-        _node(
-            "q",
-            "avg_pool2d_grad",
-            "g",
-            input_shape=[1, 1, 1, 1],
-            kernel=[4_000_000, 1],
-            padding=[2_000_000, 0],
-        ),
-        g=_feed(1, 1, 1, 1),
-    )
-    assert_serves_lecture(stub, timeout=600)
-    try:
-        stub.Forward(request, timeout=0.5)
-    except grpc.RpcError as e:
-        assert e.code() in ALLOWED, e.details()
-    # The server has one worker: it must be free again soon after the deadline.
-    assert_serves_lecture(stub, timeout=2.0)

@@ -434,3 +434,14 @@ def test_server_rejects_bool_bytes_other_than_0_and_1(stub):
         stub.Forward(identity_request(tensor), timeout=30)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "'x'" in info.value.details()
+
+
+def test_float_values_beyond_float32_are_rejected_but_inf_and_nan_pass():
+    too_big = tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_FLOAT32, shape=[2], float_values=[1e308, 1])
+    with pytest.raises(TensorFormatError, match="do not fit in float32"):
+        from_proto(too_big)
+    special = tensor_pb2.Tensor(
+        dtype=tensor_pb2.DTYPE_FLOAT32, shape=[3], float_values=[float("inf"), float("nan"), 1.5]
+    )
+    decoded = from_proto(special)
+    assert decoded.dtype == np.float32 and np.isinf(decoded[0]) and np.isnan(decoded[1])

@@ -41,7 +41,6 @@ MAX_RANK = 32
 """Most dimensions a tensor may have (numpy allows 64)."""
 
 
-
 def shape_problem(shape: tuple[int, ...]) -> str | None:
     """Why numpy could not hold an array of this shape, or None if it can.
 
@@ -149,4 +148,11 @@ def from_proto(tensor: tensor_pb2.Tensor, *, writeable: bool = False) -> np.ndar
         if wide.size and (wide.min() < info.min or wide.max() > info.max):
             raise TensorFormatError(f"int_values do not fit in {dtype.name}")
         return wide.astype(dtype).reshape(shape)
-    return np.array(values, dtype=dtype).reshape(shape)
+    if dtype.kind == "b":
+        return np.array(values, dtype=dtype).reshape(shape)
+    wide = np.array(values, dtype=np.float64)
+    with np.errstate(over="ignore"):
+        array = wide.astype(dtype)
+    if not np.array_equal(np.isfinite(array), np.isfinite(wide)):
+        raise TensorFormatError(f"float_values do not fit in {dtype.name}")
+    return array.reshape(shape)

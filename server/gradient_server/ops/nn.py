@@ -166,6 +166,10 @@ def _pair(value: tuple[int, ...], what: str) -> tuple[int, int]:
 _MAX_GEOMETRY = 1 << 20
 """Largest kernel, stride, padding or dilation (beyond it, only the limits would answer)."""
 
+_MAX_KERNEL_AREA = 1 << 16
+"""Most kernel positions: the window ops loop over kernel positions (each step vectorised over
+the batch, channels and pixels), so this bounds their Python-level work."""
+
 
 def _geometry(attrs, kernel: tuple[int, int]):
     stride = _pair(attrs["stride"] or kernel, "stride")
@@ -175,6 +179,11 @@ def _geometry(attrs, kernel: tuple[int, int]):
         raise ShapeError("kernel, stride and dilation must be >= 1 and padding >= 0")
     if max(*stride, *dilation, *padding, *kernel) > _MAX_GEOMETRY:
         raise ShapeError(f"kernel, stride, padding and dilation must be at most {_MAX_GEOMETRY}")
+    if kernel[0] * kernel[1] > _MAX_KERNEL_AREA:
+        raise ShapeError(
+            f"the kernel has {kernel[0] * kernel[1]} positions; the most is {_MAX_KERNEL_AREA} "
+            "(for a global average over large images, use mean over the spatial axes)"
+        )
     return stride, padding, dilation
 
 
