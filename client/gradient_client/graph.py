@@ -148,12 +148,6 @@ def _variadic(op: str, doc: str) -> Callable[..., Node]:
     return method
 
 
-def _pair(value: int | Sequence[int] | None) -> list[int] | None:
-    if value is None:
-        return None
-    return [int(value)] if isinstance(value, (int, np.integer)) else [int(v) for v in value]
-
-
 def _pool(op: str, doc: str) -> Callable[..., Node]:
     def method(
         self: Graph,
@@ -165,7 +159,7 @@ def _pool(op: str, doc: str) -> Callable[..., Node]:
         name: str | None = None,
     ) -> Node:
         return self.op(
-            op, x, name=name, kernel=_pair(kernel), stride=_pair(stride), padding=_pair(padding)
+            op, x, name=name, kernel=_ints(kernel), stride=_ints(stride), padding=_ints(padding)
         )
 
     method.__name__ = method.__qualname__ = op
@@ -177,7 +171,7 @@ def _adjoint(op: str, doc: str) -> Callable[..., Node]:
     def method(self: Graph, *operands: Operand, name: str | None = None, **attrs: Any) -> Node:
         for key in ("kernel", "stride", "padding", "dilation"):
             if key in attrs:
-                attrs[key] = _pair(attrs[key])
+                attrs[key] = _ints(attrs[key])
         return self.op(op, *operands, name=name, **attrs)
 
     method.__name__ = method.__qualname__ = op
@@ -423,10 +417,10 @@ class Graph:
             "slice",
             x,
             name=name,
-            starts=list(starts),
-            stops=list(stops),
-            steps=None if steps is None else list(steps),
-            axes=None if axes is None else list(axes),
+            starts=_ints(starts),
+            stops=_ints(stops),
+            steps=_ints(steps),
+            axes=_ints(axes),
         )
 
     def unslice(
@@ -445,11 +439,11 @@ class Graph:
             "unslice",
             x,
             name=name,
-            shape=list(shape),
-            starts=list(starts),
-            stops=list(stops),
-            steps=None if steps is None else list(steps),
-            axes=None if axes is None else list(axes),
+            shape=_ints(shape),
+            starts=_ints(starts),
+            stops=_ints(stops),
+            steps=_ints(steps),
+            axes=_ints(axes),
         )
 
     def pad(
@@ -535,9 +529,9 @@ class Graph:
             x,
             w,
             name=name,
-            stride=_pair(stride),
-            padding=_pair(padding),
-            dilation=_pair(dilation),
+            stride=_ints(stride),
+            padding=_ints(padding),
+            dilation=_ints(dilation),
         )
 
     # The adjoint ops that gradient rules are built from; attributes as ListOps lists them.

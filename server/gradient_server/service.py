@@ -37,13 +37,13 @@ class _Cancelled(Exception):
     """The client went away; nobody will read the answer."""
 
 
-def _decode_feeds(feeds: Any) -> dict[str, np.ndarray]:
+def _decode_tensors(tensors: Any, what: str = "input") -> dict[str, np.ndarray]:
     decoded = {}
-    for name, tensor in feeds.items():
+    for name, tensor in tensors.items():
         try:
             decoded[name] = from_proto(tensor)
         except TensorFormatError as e:
-            raise GraphError(f"input {name!r}: {e}") from None
+            raise GraphError(f"{what} {name!r}: {e}") from None
     return decoded
 
 
@@ -76,7 +76,7 @@ class GradientServicer(service_grpc.GradientServiceServicer):
         def work(check: Callable[[], None]):
             graph = self.engine.load_graph(request.graph, check)
             values = self.engine.forward(
-                graph, _decode_feeds(request.inputs), list(request.fetch), check
+                graph, _decode_tensors(request.inputs), list(request.fetch), check
             )
             return service_pb2.ForwardResponse(values=_encode(values, request.response_payload))
 
@@ -87,7 +87,7 @@ class GradientServicer(service_grpc.GradientServiceServicer):
             graph = self.engine.load_graph(request.graph, check)
             result = self.engine.gradient(
                 graph,
-                _decode_feeds(request.inputs),
+                _decode_tensors(request.inputs),
                 request.output,
                 _decode_seed(request),
                 list(request.wrt),
@@ -117,7 +117,7 @@ class GradientServicer(service_grpc.GradientServiceServicer):
             report = check_gradient(
                 self.engine,
                 graph,
-                _decode_feeds(request.inputs),
+                _decode_tensors(request.inputs),
                 request.output,
                 _decode_seed(request),
                 list(request.wrt),
@@ -148,7 +148,7 @@ class GradientServicer(service_grpc.GradientServiceServicer):
         def work(check: Callable[[], None]):
             graph = self.engine.load_graph(request.graph, check)
             combined = self.engine.gradient_graph(
-                graph, _decode_feeds(request.inputs), request.output, list(request.wrt), check
+                graph, _decode_tensors(request.inputs), request.output, list(request.wrt), check
             )
             return service_pb2.GradientGraphResponse(
                 graph=encode_graph(combined.graph),
@@ -162,14 +162,9 @@ class GradientServicer(service_grpc.GradientServiceServicer):
     def HessianVectorProduct(self, request, context):
         def work(check: Callable[[], None]):
             graph = self.engine.load_graph(request.graph, check)
-            vector = {}
-            for name, tensor in request.vector.items():
-                try:
-                    vector[name] = from_proto(tensor)
-                except TensorFormatError as e:
-                    raise GraphError(f"vector {name!r}: {e}") from None
+            vector = _decode_tensors(request.vector, "vector")
             products = self.engine.hvp(
-                graph, _decode_feeds(request.inputs), request.output, vector, check
+                graph, _decode_tensors(request.inputs), request.output, vector, check
             )
             return service_pb2.HessianVectorProductResponse(
                 products=_encode(products, request.response_payload)
