@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 50051
 
-.PHONY: run test lint proto clean
+.PHONY: run test bench lint proto clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ run: $(VENV)/.installed-run  ## install the server and serve on $(HOST):$(PORT)
 
 test: $(VENV)/.installed-test  ## install everything and run the tests
 	$(BIN)/python -m pytest
+
+# Benchmarks compare with floors measured in the same run; OpenBLAS tuning variables are unset
+# for every side alike.
+bench: $(VENV)/.installed-test  ## the serving benchmarks, side by side with bare gRPC
+	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(BIN)/python benchmarks/bench_serving.py
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .

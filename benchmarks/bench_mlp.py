@@ -65,6 +65,21 @@ def torch_step(torch, p: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: g.numpy() for k, g in zip(params, grads, strict=True)}
 
 
+def mlp_params(
+    batch: int = 256, features: int = 64, hidden: int = 256, classes: int = 10, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Random data and initial weights for the MLP (float64)."""
+    rng = np.random.default_rng(seed)
+    return {
+        "X": rng.standard_normal((batch, features)),
+        "y": rng.integers(0, classes, batch),
+        "W1": rng.standard_normal((features, hidden)) * 0.1,
+        "b1": np.zeros(hidden),
+        "W2": rng.standard_normal((hidden, classes)) * 0.1,
+        "b2": np.zeros(classes),
+    }
+
+
 def median_ms(step: Callable[[], object], repeats: int) -> float:
     """Median wall time of `step` in milliseconds, after one warm-up call."""
     step()
@@ -85,15 +100,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=50)
     args = parser.parse_args()
 
-    rng = np.random.default_rng(0)
-    params = {
-        "X": rng.standard_normal((args.batch, args.features)),
-        "y": rng.integers(0, args.classes, args.batch),
-        "W1": rng.standard_normal((args.features, args.hidden)) * 0.1,
-        "b1": np.zeros(args.hidden),
-        "W2": rng.standard_normal((args.hidden, args.classes)) * 0.1,
-        "b2": np.zeros(args.classes),
-    }
+    params = mlp_params(args.batch, args.features, args.hidden, args.classes)
     wrt = ["W1", "b1", "W2", "b2"]
     graph = mlp_graph()
     engine = Engine()
