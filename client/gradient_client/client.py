@@ -3,19 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
+from google.protobuf import message_factory
 
 from gradient.v1 import gradient_service_pb2 as service_pb2
-from gradient.v1 import gradient_service_pb2_grpc as service_grpc
+from gradient.v1 import graph_pb2
 
+from . import wire
 from .errors import GradientError
 from .graph import Graph, Node
-from .tensors import from_proto, to_proto
+from .tensors import TensorFormatError, wire_array
+from .wire import WireGraph, WireMessage
+
+if TYPE_CHECKING:
+    from .session import AsyncSession, Session
 
 __all__ = [
     "AsyncGradientClient",
@@ -130,122 +139,116 @@ class OpInfo:
     attrs: tuple[OpAttr, ...]
 
 
-def _graph_message(graph: GraphLike) -> Any:
-    return graph.message() if isinstance(graph, Graph) else graph
-
-
 def _name(node: NodeLike) -> str:
     return node.name if isinstance(node, Node) else node
-
-
-def _tensor(what: str, value: Any, dtype: Any = None) -> Any:
-    """Encode a value sent to the server; GradientError(INVALID_ARGUMENT) if it cannot be."""
-    try:
-        return to_proto(np.asarray(value, dtype=dtype))
-    except (TypeError, ValueError) as e:  # TensorFormatError is a ValueError
-        raise GradientError(grpc.StatusCode.INVALID_ARGUMENT, f"{what}: {e}") from None
 
 
 def _names(nodes: Iterable[NodeLike] | None) -> list[str]:
     return [_name(n) for n in nodes] if nodes is not None else []
 
 
-def _feeds(graph: GraphLike, inputs: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Encode input values; numbers and lists become arrays (cast to the input's declared dtype)."""
-    declared: dict[str, str] = {}
-    for message in _graph_message(graph).nodes:
-        if message.op == "input" and "dtype" in message.attrs:
-            declared[message.name] = message.attrs["dtype"].s
+def wire_graph(graph: GraphLike) -> WireGraph:
+    """The graph as sent: a builder's is encoded once; a gradient.v1.Graph message each call."""
+    return graph.wire_form() if isinstance(graph, Graph) else WireGraph.of(graph)
+
+
+def encode_array(what: str, value: Any, dtype: Any = None) -> np.ndarray:
+    """A value sent to the server as a little-endian C-contiguous array of a wire dtype;
+    GradientError(INVALID_ARGUMENT) naming `what` if it cannot be one."""
+    try:
+        return wire_array(np.asarray(value, dtype=dtype))[1]
+    except (TypeError, ValueError) as e:  # TensorFormatError is a ValueError
+        raise GradientError(grpc.StatusCode.INVALID_ARGUMENT, f"{what}: {e}") from None
+
+
+def encode_feeds(graph: WireGraph, inputs: Mapping[Any, Any] | None) -> dict[str, np.ndarray]:
+    """Input values as arrays; numbers and lists are cast to the input's declared dtype."""
     feeds = {}
     for name, value in (inputs or {}).items():
         key = _name(name)
-        feeds[key] = _tensor(f"input {key!r}", value, declared.get(key))
+        feeds[key] = encode_array(f"input {key!r}", value, graph.input_dtypes.get(key))
     return feeds
 
 
-def _decode_all(tensors: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    return {name: from_proto(t, writeable=True) for name, t in tensors.items()}
+def _forward_request(graph: WireGraph, inputs, fetch) -> WireMessage:
+    fields = service_pb2.ForwardRequest(fetch=_names(fetch))
+    return WireMessage(fields, tensors={"inputs": encode_feeds(graph, inputs)})
 
 
-def _forward_request(graph, inputs, fetch) -> service_pb2.ForwardRequest:
-    return service_pb2.ForwardRequest(
-        graph=_graph_message(graph), inputs=_feeds(graph, inputs), fetch=_names(fetch)
-    )
-
-
-def _gradient_request(graph, output, inputs, wrt, seed, fetch) -> service_pb2.GradientRequest:
-    request = service_pb2.GradientRequest(
-        graph=_graph_message(graph),
-        inputs=_feeds(graph, inputs),
-        output=_name(output),
-        wrt=_names(wrt),
-        fetch=_names(fetch),
-    )
+def _gradient_request(graph: WireGraph, output, inputs, wrt, seed, fetch) -> WireMessage:
+    fields = service_pb2.GradientRequest(output=_name(output), wrt=_names(wrt), fetch=_names(fetch))
+    tensors: dict[str, Any] = {"inputs": encode_feeds(graph, inputs)}
     if seed is not None:
-        request.seed.CopyFrom(_tensor("seed", seed))
-    return request
+        tensors["seed"] = encode_array("seed", seed)
+    return WireMessage(fields, tensors=tensors)
 
 
 def _check_request(
-    graph, output, inputs, wrt, seed, eps, atol, rtol, max_elements, directions, random_seed
-) -> service_pb2.CheckGradientRequest:
-    request = service_pb2.CheckGradientRequest(
-        graph=_graph_message(graph),
-        inputs=_feeds(graph, inputs),
+    graph: WireGraph,
+    output,
+    inputs,
+    wrt,
+    seed,
+    eps,
+    atol,
+    rtol,
+    max_elements,
+    directions,
+    random_seed,
+) -> WireMessage:
+    fields = service_pb2.CheckGradientRequest(
         output=_name(output),
         wrt=_names(wrt),
         max_elements=max_elements,
         directions=directions,
         random_seed=random_seed,
     )
-    if seed is not None:
-        request.seed.CopyFrom(_tensor("seed", seed))
     for name, value in (("eps", eps), ("atol", atol), ("rtol", rtol)):
         if value is not None:
-            setattr(request, name, value)
-    return request
+            setattr(fields, name, value)
+    tensors: dict[str, Any] = {"inputs": encode_feeds(graph, inputs)}
+    if seed is not None:
+        tensors["seed"] = encode_array("seed", seed)
+    return WireMessage(fields, tensors=tensors)
 
 
-def _check_report(response: service_pb2.CheckGradientResponse) -> GradientCheckReport:
+def _check_report(response: WireMessage) -> GradientCheckReport:
+    fields = response.fields
     return GradientCheckReport(
-        passed=response.passed,
+        passed=fields.passed,
         nodes={
             n.name: NodeCheck(n.max_abs_error, n.max_rel_error, n.passed, n.checked)
-            for n in response.nodes
+            for n in fields.nodes
         },
-        skipped={s.name: s.reason for s in response.skipped},
-        eps=response.eps,
-        atol=response.atol,
-        rtol=response.rtol,
+        skipped={s.name: s.reason for s in fields.skipped},
+        eps=fields.eps,
+        atol=fields.atol,
+        rtol=fields.rtol,
     )
 
 
-def _hvp_request(graph, output, inputs, vector) -> service_pb2.HessianVectorProductRequest:
-    return service_pb2.HessianVectorProductRequest(
-        graph=_graph_message(graph),
-        inputs=_feeds(graph, inputs),
-        output=_name(output),
-        vector={
-            _name(k): _tensor(f"vector {_name(k)!r}", v, float) for k, v in (vector or {}).items()
-        },
+def _hvp_request(graph: WireGraph, output, inputs, vector) -> WireMessage:
+    vectors = {
+        _name(k): encode_array(f"vector {_name(k)!r}", v, float) for k, v in (vector or {}).items()
+    }
+    return WireMessage(
+        service_pb2.HessianVectorProductRequest(output=_name(output)),
+        tensors={"inputs": encode_feeds(graph, inputs), "vector": vectors},
     )
 
 
-def _gradient_graph_request(graph, output, inputs, wrt) -> service_pb2.GradientGraphRequest:
-    return service_pb2.GradientGraphRequest(
-        graph=_graph_message(graph),
-        inputs=_feeds(graph, inputs),
-        output=_name(output),
-        wrt=_names(wrt),
-    )
+def _gradient_graph_request(graph: WireGraph, output, inputs, wrt) -> WireMessage:
+    fields = service_pb2.GradientGraphRequest(output=_name(output), wrt=_names(wrt))
+    return WireMessage(fields, tensors={"inputs": encode_feeds(graph, inputs)})
 
 
-def _gradient_graph_result(response: service_pb2.GradientGraphResponse) -> GradientGraphResult:
+def _gradient_graph_result(response: WireMessage) -> GradientGraphResult:
+    fields = response.fields
     return GradientGraphResult(
-        graph=response.graph,
-        gradients=dict(response.gradients),
-        seed=response.seed,
-        skipped={s.name: s.reason for s in response.skipped},
+        graph=graph_pb2.Graph.FromString(response.raw.get("graph", b"")),
+        gradients=dict(fields.gradients),
+        seed=fields.seed,
+        skipped={s.name: s.reason for s in fields.skipped},
     )
 
 
@@ -281,15 +284,17 @@ def _basis(wrt: list[str], shapes: dict[str, tuple[int, ...]]):
             yield {name: direction.reshape(shapes[name])}
 
 
-def _forward_result(response: service_pb2.ForwardResponse) -> ForwardResult:
-    return ForwardResult(_decode_all(response.values))
+def forward_result(tensors: Mapping[str, Any]) -> ForwardResult:
+    """A ForwardResult from decoded tensors."""
+    return ForwardResult(tensors.get("values", {}))
 
 
-def _gradient_result(response: service_pb2.GradientResponse) -> GradientResult:
+def gradient_result(tensors: Mapping[str, Any], skipped: Iterable[Any]) -> GradientResult:
+    """A GradientResult from decoded tensors and SkippedNode messages."""
     return GradientResult(
-        values=_decode_all(response.values),
-        gradients=_decode_all(response.gradients),
-        skipped={s.name: s.reason for s in response.skipped},
+        values=tensors.get("values", {}),
+        gradients=tensors.get("gradients", {}),
+        skipped={s.name: s.reason for s in skipped},
     )
 
 
@@ -314,12 +319,90 @@ def _op_infos(response: service_pb2.ListOpsResponse) -> list[OpInfo]:
     ]
 
 
-def _channel_options(max_message_mb: int) -> list[tuple[str, int]]:
+# ---------------------------------------------------------------------------------------------
+# Channels and calls, shared by both clients
+
+_SERVICE = service_pb2.DESCRIPTOR.services_by_name["GradientService"]
+_RESPONSE_TYPES = {
+    method.name: message_factory.GetMessageClass(method.output_type) for method in _SERVICE.methods
+}
+
+
+def _channel_options(max_message_mb: int, connections: int) -> list[tuple[str, int]]:
     size = check_message_mb(max_message_mb) * 1024 * 1024
-    return [
+    options = [
         ("grpc.max_receive_message_length", size),
         ("grpc.max_send_message_length", size),
     ]
+    if connections > 1:  # each channel its own connection, not one shared subchannel
+        options.append(("grpc.use_local_subchannel_pool", 1))
+    return options
+
+
+def _make_channels(module: Any, target: str, credentials, options, count: int) -> list[Any]:
+    if count < 1:
+        raise ValueError(f"connections must be at least 1, got {count}")
+    if credentials is not None:
+        return [module.secure_channel(target, credentials, options) for _ in range(count)]
+    return [module.insecure_channel(target, options) for _ in range(count)]
+
+
+class _Connection:
+    """One channel and a raw-bytes callable for each RPC of the service on it."""
+
+    def __init__(self, channel: Any):
+        self.channel = channel
+        prefix = f"/{_SERVICE.full_name}/"
+        self.unary = {
+            method.name: channel.unary_unary(prefix + method.name, _registered_method=True)
+            for method in _SERVICE.methods
+            if not method.client_streaming
+        }
+        self.session = channel.stream_stream(prefix + "Session", _registered_method=True)
+
+
+def decode_response(data: bytes, method: str) -> WireMessage:
+    """A response's bytes decoded; GradientError(INTERNAL) if they do not parse."""
+    try:
+        return wire.decode(data, _RESPONSE_TYPES[method])
+    except (wire.WireFormatError, TensorFormatError) as e:
+        raise GradientError(
+            grpc.StatusCode.INTERNAL, f"the {method} response does not parse: {e}"
+        ) from None
+
+
+class _KnownGraphs:
+    """Digests of the graphs this client has sent (bounded): later calls send the digest."""
+
+    def __init__(self, size: int = 1024):
+        self._size = size
+        self._digests: OrderedDict[str, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __contains__(self, digest: object) -> bool:
+        return digest in self._digests
+
+    def add(self, digest: str) -> None:
+        with self._lock:
+            self._digests[digest] = None
+            self._digests.move_to_end(digest)
+            while len(self._digests) > self._size:
+                self._digests.popitem(last=False)
+
+    def discard(self, digest: str) -> None:
+        with self._lock:
+            self._digests.pop(digest, None)
+
+
+def _with_digest(request: WireMessage, graph: WireGraph) -> WireMessage:
+    fields = type(request.fields)()
+    fields.CopyFrom(request.fields)
+    fields.graph_digest = graph.digest
+    return WireMessage(fields, request.tensors)
+
+
+def _with_graph(request: WireMessage, graph: WireGraph) -> WireMessage:
+    return WireMessage(request.fields, request.tensors, raw={"graph": graph.data})
 
 
 class GradientClient:
@@ -329,7 +412,11 @@ class GradientClient:
     ...     result = client.gradient(g, output=f, inputs={"x": -2.0, "y": 5.0, "z": -4.0})
 
     Every failure raises GradientError carrying the gRPC status code and the server's message.
-    `timeout` (seconds) is the default deadline of each call.
+    `timeout` (seconds) is the default deadline of each call. `connections` channels are
+    opened, each its own connection, and calls are spread over them in turn: against a
+    server with `--workers N`, N or more connections spread one client's load over its
+    processes. A graph is sent whole once; later calls on it send only its digest (and send
+    it whole again if the server answers that it does not hold it).
     """
 
     def __init__(
@@ -339,15 +426,15 @@ class GradientClient:
         timeout: float | None = None,
         max_message_mb: int = DEFAULT_MAX_MESSAGE_MB,
         credentials: grpc.ChannelCredentials | None = None,
+        connections: int = 1,
     ):
-        options = _channel_options(max_message_mb)
-        self._channel = (
-            grpc.secure_channel(target, credentials, options)
-            if credentials
-            else grpc.insecure_channel(target, options)
-        )
-        self._stub = service_grpc.GradientServiceStub(self._channel)
+        options = _channel_options(max_message_mb, connections)
+        channels = _make_channels(grpc, target, credentials, options, connections)
+        self._connections = [_Connection(channel) for channel in channels]
+        self._next = itertools.cycle(self._connections)
+        self._known = _KnownGraphs()
         self.timeout = timeout
+        self.max_message_bytes = max_message_mb * 1024 * 1024
 
     def __enter__(self) -> GradientClient:
         return self
@@ -356,14 +443,37 @@ class GradientClient:
         self.close()
 
     def close(self) -> None:
-        """Close the channel."""
-        self._channel.close()
+        """Close the channels."""
+        for connection in self._connections:
+            connection.channel.close()
 
-    def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
+    def _connection(self) -> _Connection:
+        return next(self._next)
+
+    def _call(self, method: str, request: WireMessage, timeout: float | None) -> WireMessage:
+        data = wire.encode(request)
+        call = self._connection().unary[method]
         try:
-            return method(request, timeout=timeout if timeout is not None else self.timeout)
+            response = call(data, timeout=timeout if timeout is not None else self.timeout)
         except grpc.RpcError as error:
             raise GradientError.from_rpc_error(error) from None
+        return decode_response(response, method)
+
+    def _call_on_graph(
+        self, method: str, request: WireMessage, graph: WireGraph, timeout: float | None
+    ) -> WireMessage:
+        """Call with the graph's digest if it was sent before, else (or if the server does not
+        hold it) with the graph itself."""
+        if graph.digest in self._known:
+            try:
+                return self._call(method, _with_digest(request, graph), timeout)
+            except GradientError as error:
+                if error.code != grpc.StatusCode.NOT_FOUND:
+                    raise
+                self._known.discard(graph.digest)
+        response = self._call(method, _with_graph(request, graph), timeout)
+        self._known.add(graph.digest)
+        return response
 
     def forward(
         self,
@@ -373,9 +483,14 @@ class GradientClient:
         *,
         timeout: float | None = None,
     ) -> ForwardResult:
-        """Values of the `fetch` nodes (every node by default) given the input values."""
-        request = _forward_request(graph, inputs, fetch)
-        return _forward_result(self._call(self._stub.Forward, request, timeout))
+        """Values of the `fetch` nodes (every node by default) given the input values.
+
+        The arrays returned are read-only views of the response (np.array(x) copies one).
+        """
+        sent = wire_graph(graph)
+        request = _forward_request(sent, inputs, fetch)
+        response = self._call_on_graph("Forward", request, sent, timeout)
+        return forward_result(response.tensors)
 
     def gradient(
         self,
@@ -391,10 +506,13 @@ class GradientClient:
         """Values and gradients of `output` with respect to `wrt` (every node by default).
 
         A scalar output's seed defaults to 1; a non-scalar output needs `seed`, an array of
-        its shape (the result is then the vector-Jacobian product).
+        its shape (the result is then the vector-Jacobian product). The arrays returned are
+        read-only views of the response.
         """
-        request = _gradient_request(graph, output, inputs, wrt, seed, fetch)
-        return _gradient_result(self._call(self._stub.Gradient, request, timeout))
+        sent = wire_graph(graph)
+        request = _gradient_request(sent, output, inputs, wrt, seed, fetch)
+        response = self._call_on_graph("Gradient", request, sent, timeout)
+        return gradient_result(response.tensors, response.fields.skipped)
 
     def check_gradient(
         self,
@@ -418,10 +536,11 @@ class GradientClient:
         to every float input. `max_elements` samples that many elements per node;
         `directions` checks random directions instead (cheap for large tensors).
         """
+        sent = wire_graph(graph)
         request = _check_request(
-            graph, output, inputs, wrt, seed, eps, atol, rtol, max_elements, directions, random_seed
+            sent, output, inputs, wrt, seed, eps, atol, rtol, max_elements, directions, random_seed
         )
-        return _check_report(self._call(self._stub.CheckGradient, request, timeout))
+        return _check_report(self._call_on_graph("CheckGradient", request, sent, timeout))
 
     def gradient_graph(
         self,
@@ -438,8 +557,10 @@ class GradientClient:
         gradient(), bit for bit; gradient() on it, with a gradient node as the output, gives
         second derivatives.
         """
-        request = _gradient_graph_request(graph, output, inputs, wrt)
-        return _gradient_graph_result(self._call(self._stub.GradientGraph, request, timeout))
+        sent = wire_graph(graph)
+        request = _gradient_graph_request(sent, output, inputs, wrt)
+        response = self._call_on_graph("GradientGraph", request, sent, timeout)
+        return _gradient_graph_result(response)
 
     def hvp(
         self,
@@ -456,9 +577,10 @@ class GradientClient:
         the result maps each float input to its part of H·v. Computed exactly, by
         reverse-over-reverse differentiation on the server.
         """
-        request = _hvp_request(graph, output, inputs, vector)
-        response = self._call(self._stub.HessianVectorProduct, request, timeout)
-        return _decode_all(response.products)
+        sent = wire_graph(graph)
+        request = _hvp_request(sent, output, inputs, vector)
+        response = self._call_on_graph("HessianVectorProduct", request, sent, timeout)
+        return dict(response.tensors.get("products", {}))
 
     def hessian(
         self,
@@ -485,8 +607,48 @@ class GradientClient:
 
     def list_ops(self, *, timeout: float | None = None) -> list[OpInfo]:
         """Every op the server knows."""
-        response = self._call(self._stub.ListOps, service_pb2.ListOpsRequest(), timeout)
-        return _op_infos(response)
+        response = self._call("ListOps", WireMessage(service_pb2.ListOpsRequest()), timeout)
+        return _op_infos(response.fields)
+
+    def session(
+        self,
+        graph: GraphLike,
+        output: NodeLike | None = None,
+        wrt: Sequence[NodeLike] | None = None,
+        fetch: Sequence[NodeLike] | None = None,
+        *,
+        stop_on_error: bool = False,
+        timeout: float | None = None,
+    ) -> Session:
+        """A Session: many steps on one graph over one stream (use it as a context manager).
+
+        >>> with client.session(g, output=loss, wrt=params, fetch=[loss]) as s:
+        ...     for batch in batches:
+        ...         r = s.gradient({"X": batch.x, "y": batch.y, **weights})
+
+        The graph, output, wrt and fetch cross the wire once; each step sends only its
+        inputs. Steps from several threads share the stream (their messages are batched).
+        `timeout` bounds the whole session.
+        """
+        from .session import Session
+
+        return Session(
+            self._connection().session,
+            wire_graph(graph),
+            _session_start(output, wrt, fetch, stop_on_error, self.max_message_bytes),
+            timeout if timeout is not None else self.timeout,
+            self.max_message_bytes,
+        )
+
+
+def _session_start(output, wrt, fetch, stop_on_error: bool, max_message_bytes: int) -> Any:
+    return service_pb2.SessionStart(
+        output=_name(output) if output is not None else "",
+        wrt=_names(wrt),
+        fetch=_names(fetch),
+        stop_on_error=stop_on_error,
+        max_message_bytes=max_message_bytes,
+    )
 
 
 class AsyncGradientClient:
@@ -499,15 +661,15 @@ class AsyncGradientClient:
         timeout: float | None = None,
         max_message_mb: int = DEFAULT_MAX_MESSAGE_MB,
         credentials: grpc.ChannelCredentials | None = None,
+        connections: int = 1,
     ):
-        options = _channel_options(max_message_mb)
-        self._channel = (
-            grpc.aio.secure_channel(target, credentials, options)
-            if credentials
-            else grpc.aio.insecure_channel(target, options)
-        )
-        self._stub = service_grpc.GradientServiceStub(self._channel)
+        options = _channel_options(max_message_mb, connections)
+        channels = _make_channels(grpc.aio, target, credentials, options, connections)
+        self._connections = [_Connection(channel) for channel in channels]
+        self._next = itertools.cycle(self._connections)
+        self._known = _KnownGraphs()
         self.timeout = timeout
+        self.max_message_bytes = max_message_mb * 1024 * 1024
 
     async def __aenter__(self) -> AsyncGradientClient:
         return self
@@ -516,14 +678,33 @@ class AsyncGradientClient:
         await self.close()
 
     async def close(self) -> None:
-        """Close the channel."""
-        await self._channel.close()
+        """Close the channels."""
+        for connection in self._connections:
+            await connection.channel.close()
 
-    async def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
+    async def _call(self, method: str, request: WireMessage, timeout: float | None) -> WireMessage:
+        data = wire.encode(request)
+        call = next(self._next).unary[method]
         try:
-            return await method(request, timeout=timeout if timeout is not None else self.timeout)
+            response = await call(data, timeout=timeout if timeout is not None else self.timeout)
         except grpc.RpcError as error:
             raise GradientError.from_rpc_error(error) from None
+        return decode_response(response, method)
+
+    async def _call_on_graph(
+        self, method: str, request: WireMessage, graph: WireGraph, timeout: float | None
+    ) -> WireMessage:
+        """See GradientClient._call_on_graph."""
+        if graph.digest in self._known:
+            try:
+                return await self._call(method, _with_digest(request, graph), timeout)
+            except GradientError as error:
+                if error.code != grpc.StatusCode.NOT_FOUND:
+                    raise
+                self._known.discard(graph.digest)
+        response = await self._call(method, _with_graph(request, graph), timeout)
+        self._known.add(graph.digest)
+        return response
 
     async def forward(
         self,
@@ -534,8 +715,10 @@ class AsyncGradientClient:
         timeout: float | None = None,
     ) -> ForwardResult:
         """See GradientClient.forward."""
-        request = _forward_request(graph, inputs, fetch)
-        return _forward_result(await self._call(self._stub.Forward, request, timeout))
+        sent = wire_graph(graph)
+        request = _forward_request(sent, inputs, fetch)
+        response = await self._call_on_graph("Forward", request, sent, timeout)
+        return forward_result(response.tensors)
 
     async def gradient(
         self,
@@ -549,8 +732,10 @@ class AsyncGradientClient:
         timeout: float | None = None,
     ) -> GradientResult:
         """See GradientClient.gradient."""
-        request = _gradient_request(graph, output, inputs, wrt, seed, fetch)
-        return _gradient_result(await self._call(self._stub.Gradient, request, timeout))
+        sent = wire_graph(graph)
+        request = _gradient_request(sent, output, inputs, wrt, seed, fetch)
+        response = await self._call_on_graph("Gradient", request, sent, timeout)
+        return gradient_result(response.tensors, response.fields.skipped)
 
     async def check_gradient(
         self,
@@ -569,10 +754,11 @@ class AsyncGradientClient:
         timeout: float | None = None,
     ) -> GradientCheckReport:
         """See GradientClient.check_gradient."""
+        sent = wire_graph(graph)
         request = _check_request(
-            graph, output, inputs, wrt, seed, eps, atol, rtol, max_elements, directions, random_seed
+            sent, output, inputs, wrt, seed, eps, atol, rtol, max_elements, directions, random_seed
         )
-        return _check_report(await self._call(self._stub.CheckGradient, request, timeout))
+        return _check_report(await self._call_on_graph("CheckGradient", request, sent, timeout))
 
     async def gradient_graph(
         self,
@@ -584,8 +770,10 @@ class AsyncGradientClient:
         timeout: float | None = None,
     ) -> GradientGraphResult:
         """See GradientClient.gradient_graph."""
-        request = _gradient_graph_request(graph, output, inputs, wrt)
-        return _gradient_graph_result(await self._call(self._stub.GradientGraph, request, timeout))
+        sent = wire_graph(graph)
+        request = _gradient_graph_request(sent, output, inputs, wrt)
+        response = await self._call_on_graph("GradientGraph", request, sent, timeout)
+        return _gradient_graph_result(response)
 
     async def hvp(
         self,
@@ -597,9 +785,10 @@ class AsyncGradientClient:
         timeout: float | None = None,
     ) -> dict[str, np.ndarray]:
         """See GradientClient.hvp."""
-        request = _hvp_request(graph, output, inputs, vector)
-        response = await self._call(self._stub.HessianVectorProduct, request, timeout)
-        return _decode_all(response.products)
+        sent = wire_graph(graph)
+        request = _hvp_request(sent, output, inputs, vector)
+        response = await self._call_on_graph("HessianVectorProduct", request, sent, timeout)
+        return dict(response.tensors.get("products", {}))
 
     async def hessian(
         self,
@@ -623,5 +812,26 @@ class AsyncGradientClient:
 
     async def list_ops(self, *, timeout: float | None = None) -> list[OpInfo]:
         """See GradientClient.list_ops."""
-        response = await self._call(self._stub.ListOps, service_pb2.ListOpsRequest(), timeout)
-        return _op_infos(response)
+        request = WireMessage(service_pb2.ListOpsRequest())
+        return _op_infos((await self._call("ListOps", request, timeout)).fields)
+
+    def session(
+        self,
+        graph: GraphLike,
+        output: NodeLike | None = None,
+        wrt: Sequence[NodeLike] | None = None,
+        fetch: Sequence[NodeLike] | None = None,
+        *,
+        stop_on_error: bool = False,
+        timeout: float | None = None,
+    ) -> AsyncSession:
+        """See GradientClient.session; use it with `async with`, and await its steps."""
+        from .session import AsyncSession
+
+        return AsyncSession(
+            next(self._next).session,
+            wire_graph(graph),
+            _session_start(output, wrt, fetch, stop_on_error, self.max_message_bytes),
+            timeout if timeout is not None else self.timeout,
+            self.max_message_bytes,
+        )

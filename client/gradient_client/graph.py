@@ -11,6 +11,7 @@ import numpy as np
 from gradient.v1 import graph_pb2
 
 from .tensors import to_proto
+from .wire import WireGraph
 
 __all__ = ["Graph", "Node", "Operand"]
 
@@ -197,6 +198,7 @@ class Graph:
         self._handles: dict[str, Node] = {}
         self._counter = 0
         self._message: graph_pb2.Graph | None = None
+        self._wire: WireGraph | None = None
 
     # -- structure ------------------------------------------------------------------------
 
@@ -230,6 +232,13 @@ class Graph:
             self._message = graph_pb2.Graph(nodes=list(self._nodes.values()))
         return self._message
 
+    def wire_form(self) -> WireGraph:
+        """The graph as the client sends it (bytes, digest, declared input dtypes), built once
+        and shared until a node is added."""
+        if self._wire is None:
+            self._wire = WireGraph.of(self.message())
+        return self._wire
+
     @classmethod
     def from_proto(cls, message: graph_pb2.Graph) -> Graph:
         """A builder holding the nodes of a gradient.v1.Graph message (to extend or draw it)."""
@@ -245,6 +254,7 @@ class Graph:
             raise ValueError(f"the graph already has a node named {message.name!r}")
         self._nodes[message.name] = message
         self._message = None
+        self._wire = None
         handle = Node(self, message.name, message.op)
         self._handles[message.name] = handle
         return handle

@@ -12,9 +12,12 @@ from gradient.v1 import tensor_pb2
 __all__ = [
     "DTYPE_NAMES",
     "TensorFormatError",
+    "array_from_data",
+    "dtype_and_count",
     "dtype_from_name",
     "from_proto",
     "to_proto",
+    "wire_array",
 ]
 
 # Wire dtype -> little-endian numpy dtype.
@@ -25,7 +28,10 @@ _NUMPY_DTYPE: dict[tensor_pb2.DType, np.dtype] = {
     tensor_pb2.DTYPE_INT64: np.dtype("<i8"),
     tensor_pb2.DTYPE_BOOL: np.dtype("bool"),
 }
-_WIRE_DTYPE: dict[np.dtype, tensor_pb2.DType] = {dt: wire for wire, dt in _NUMPY_DTYPE.items()}
+# numpy dtype (either byte order) -> wire dtype.
+_WIRE_DTYPE: dict[np.dtype, tensor_pb2.DType] = {
+    order: wire for wire, dt in _NUMPY_DTYPE.items() for order in (dt, dt.newbyteorder(">"))
+}
 
 #: Short dtype names accepted wherever a dtype is named in text (attributes, the SDK).
 DTYPE_NAMES: dict[str, np.dtype] = {
@@ -70,17 +76,26 @@ def dtype_from_name(name: str) -> np.dtype:
         raise TensorFormatError(f"unknown dtype {name!r} (known: {known})") from None
 
 
+def wire_array(value: Any) -> tuple[tensor_pb2.DType, np.ndarray]:
+    """The wire dtype of a value and the value as a little-endian C-contiguous array.
+
+    Copies only what must change (byte order, layout); TensorFormatError for other dtypes.
+    """
+    array = np.asarray(value)
+    wire = _WIRE_DTYPE.get(array.dtype)
+    if wire is None:
+        known = ", ".join(DTYPE_NAMES)
+        raise TensorFormatError(f"dtype {array.dtype} is not supported (supported: {known})")
+    return wire, array.astype(_NUMPY_DTYPE[wire], order="C", copy=False)
+
+
 def to_proto(value: Any, *, as_lists: bool = False) -> tensor_pb2.Tensor:
     """Encode a numpy array (or anything np.asarray accepts) as a Tensor.
 
     The payload is raw bytes, or with as_lists=True the plain list form (readable in JSON).
     Python floats become float64, ints int64 and bools bool, as in numpy.
     """
-    array = np.asarray(value)
-    wire = _WIRE_DTYPE.get(array.dtype.newbyteorder("<"))
-    if wire is None:
-        known = ", ".join(DTYPE_NAMES)
-        raise TensorFormatError(f"dtype {array.dtype} is not supported (supported: {known})")
+    wire, array = wire_array(value)
     if as_lists:
         values = array.reshape(-1).tolist()
         kind = array.dtype.kind
@@ -91,8 +106,53 @@ def to_proto(value: Any, *, as_lists: bool = False) -> tensor_pb2.Tensor:
             int_values=values if kind == "i" else None,
             bool_values=values if kind == "b" else None,
         )
-    little = array.astype(_NUMPY_DTYPE[wire], copy=False)
-    return tensor_pb2.Tensor(dtype=wire, shape=array.shape, data=little.tobytes(order="C"))
+    return tensor_pb2.Tensor(dtype=wire, shape=array.shape, data=array.tobytes())
+
+
+def dtype_and_count(dtype: int, shape: tuple[int, ...]) -> tuple[np.dtype, int]:
+    """The numpy dtype of a wire dtype and the element count of a shape, both checked
+    (TensorFormatError if either is not valid)."""
+    numpy_dtype = _NUMPY_DTYPE.get(dtype)  # type: ignore[call-overload]
+    if numpy_dtype is None:
+        raise TensorFormatError(f"tensor dtype {dtype} is not set or not known")
+    problem = shape_problem(shape)
+    if problem is not None:
+        raise TensorFormatError(f"tensor {problem}")
+    return numpy_dtype, math.prod(shape)
+
+
+_layouts: dict[tuple[int, tuple[int, ...]], tuple[np.dtype, int, int]] = {}
+"""(wire dtype, shape) -> (numpy dtype, element count, payload bytes), once checked: shapes
+repeat from call to call, and their checks need not."""
+
+
+def array_from_data(
+    dtype: int, shape: tuple[int, ...], offset: int = 0, nbytes: int = 0, *, buffer: Any
+) -> np.ndarray:
+    """A read-only array viewing the `data` payload (`nbytes` of `buffer` from `offset`).
+
+    Checks the dtype, the shape and the payload's length against them before anything is
+    allocated; the array shares the buffer's memory (no copy).
+    """
+    layout = _layouts.get((dtype, shape))
+    if layout is None:
+        numpy_dtype, count = dtype_and_count(dtype, shape)
+        layout = (numpy_dtype, count, count * numpy_dtype.itemsize)
+        if len(_layouts) >= 4096:
+            _layouts.clear()
+        _layouts[(dtype, shape)] = layout
+    numpy_dtype, count, expected = layout
+    if nbytes != expected:
+        if not nbytes:
+            raise TensorFormatError(f"tensor of shape {list(shape)} has no payload")
+        raise TensorFormatError(
+            f"tensor data has {nbytes} bytes but shape {list(shape)} of {numpy_dtype.name} "
+            f"needs {expected}"
+        )
+    array = np.frombuffer(buffer, dtype=numpy_dtype, count=count, offset=offset)
+    if dtype == tensor_pb2.DTYPE_BOOL and count and array.view(np.uint8).max() > 1:
+        raise TensorFormatError("bool tensor data holds bytes other than 0 and 1")
+    return array if len(shape) == 1 else array.reshape(shape)
 
 
 def from_proto(tensor: tensor_pb2.Tensor, *, writeable: bool = False) -> np.ndarray:
@@ -100,14 +160,7 @@ def from_proto(tensor: tensor_pb2.Tensor, *, writeable: bool = False) -> np.ndar
 
     With writeable=False the array may be a read-only view of the message's bytes.
     """
-    dtype = _NUMPY_DTYPE.get(tensor.dtype)
-    if dtype is None:
-        raise TensorFormatError(f"tensor dtype {tensor.dtype} is not set or not known")
     shape = tuple(tensor.shape)
-    problem = shape_problem(shape)
-    if problem is not None:
-        raise TensorFormatError(f"tensor {problem}")
-    count = math.prod(shape)
     forms = {
         "data": len(tensor.data),
         "float_values": len(tensor.float_values),
@@ -117,23 +170,11 @@ def from_proto(tensor: tensor_pb2.Tensor, *, writeable: bool = False) -> np.ndar
     given = [form for form, length in forms.items() if length]
     if len(given) > 1:
         raise TensorFormatError(f"tensor sets more than one payload form: {', '.join(given)}")
-    if not given:
-        if count:
-            raise TensorFormatError(f"tensor of shape {list(shape)} has no payload")
-        return np.zeros(shape, dtype)
-    form = given[0]
+    form = given[0] if given else "data"
     if form == "data":
-        if forms["data"] != count * dtype.itemsize:
-            raise TensorFormatError(
-                f"tensor data has {forms['data']} bytes but shape {list(shape)} of {dtype.name} "
-                f"needs {count * dtype.itemsize}"
-            )
-        array = np.frombuffer(tensor.data, dtype=dtype)
-        if dtype.kind == "b" and count and array.view(np.uint8).max() > 1:
-            raise TensorFormatError("bool tensor data holds bytes other than 0 and 1")
-        if writeable:
-            array = array.copy()
-        return array.reshape(shape)
+        array = array_from_data(tensor.dtype, shape, 0, forms["data"], buffer=tensor.data)
+        return array.copy() if writeable else array
+    dtype, count = dtype_and_count(tensor.dtype, shape)
     expected = {"f": "float_values", "i": "int_values", "b": "bool_values"}[dtype.kind]
     if form != expected:
         raise TensorFormatError(f"a {dtype.name} tensor takes {expected}, not {form}")

@@ -9,11 +9,13 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from gradient.v1 import graph_pb2
+from gradient_client import wire
 
 from .autodiff import GradientGraph, directional_derivative, gradient_graph
-from .errors import GraphError, LimitExceeded, no_deadline
+from .errors import GraphError, LimitExceeded, UnknownGraph, no_deadline
 from .executor import Plan
 from .ir import Graph, decode_graph, graph_digest, infer_types
 from .tensor_type import TensorType
@@ -45,6 +47,15 @@ class _LRU(Generic[K, V]):
         self._items: OrderedDict[K, tuple[V, int]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
+
+    def get(self, key: K) -> V | None:
+        """The cached value of `key`, or None."""
+        with self._lock:
+            entry = self._items.get(key)
+            if entry is None:
+                return None
+            self._items.move_to_end(key)
+            return entry[0]
 
     def get_or_make(self, key: K, make: Callable[[], V], nbytes: Callable[[V], int]) -> V:
         """The cached value of `key`, or make() (cached unless it alone exceeds the budget)."""
@@ -107,6 +118,10 @@ def _names(graph: Graph, names: Sequence[str], what: str) -> list[str]:
     return list(dict.fromkeys(names)) if names else list(graph.nodes)
 
 
+def _graph_bytes(graph: Graph) -> int:
+    return graph.constant_bytes
+
+
 class Engine:
     """Compiles and runs graphs. Everything that depends only on the graph and the feeds'
     types is cached, so a repeated graph with new input values skips straight to numpy."""
@@ -125,16 +140,46 @@ class Engine:
         self, message: graph_pb2.Graph, check_deadline: Callable[[], None] = no_deadline
     ) -> Graph:
         """Decode and validate a Graph message, cached by its content."""
+        digest = graph_digest(message)
+        return self._graphs.get_or_make(
+            digest, lambda: self._decode(message, check_deadline, digest), _graph_bytes
+        )
+
+    def load_graph_bytes(
+        self, data: bytes | memoryview, check_deadline: Callable[[], None] = no_deadline
+    ) -> Graph:
+        """Decode and validate a serialized Graph message, cached by the digest of its bytes
+        (it is parsed only when not cached)."""
+        digest = wire.graph_digest(data)
+
+        def parse() -> Graph:
+            try:
+                message = graph_pb2.Graph.FromString(data)
+            except DecodeError as e:
+                raise GraphError(f"the graph does not parse: {e}") from None
+            return self._decode(message, check_deadline, digest)
+
+        return self._graphs.get_or_make(digest, parse, _graph_bytes)
+
+    def cached_graph(self, digest: str) -> Graph:
+        """The graph with this digest, if this engine holds it; UnknownGraph otherwise."""
+        graph = self._graphs.get(digest)
+        if graph is None:
+            raise UnknownGraph(
+                f"graph digest {digest[:16]!r}... is not known to this server (it restarted, "
+                "evicted the graph, or is another replica): send the graph itself"
+            )
+        return graph
+
+    def _decode(
+        self, message: graph_pb2.Graph, check_deadline: Callable[[], None], digest: str
+    ) -> Graph:
         if len(message.nodes) > self.limits.max_nodes:
             raise LimitExceeded(
                 f"graph has {len(message.nodes)} nodes; the limit (max_nodes) is "
                 f"{self.limits.max_nodes}"
             )
-        return self._graphs.get_or_make(
-            graph_digest(message),
-            lambda: decode_graph(message, check_deadline),
-            lambda graph: graph.constant_bytes,
-        )
+        return decode_graph(message, check_deadline, digest)
 
     def _feed_types(self, graph: Graph, feeds: Mapping[str, np.ndarray]) -> dict[str, TensorType]:
         types = {}

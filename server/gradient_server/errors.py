@@ -12,6 +12,10 @@ class LimitExceeded(Exception):
     """The request exceeds a configured limit. Maps to RESOURCE_EXHAUSTED."""
 
 
+class UnknownGraph(Exception):
+    """A request named a graph by a digest this server does not hold. Maps to NOT_FOUND."""
+
+
 class DeadlineExceeded(Exception):
     """The request's deadline passed while it was running. Maps to DEADLINE_EXCEEDED."""
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import heapq
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from gradient.v1 import graph_pb2
+from gradient_client import wire
 from gradient_client.tensors import (
     TensorFormatError,
     dtype_from_name,
@@ -94,8 +94,9 @@ def node_error(node: Node, message: str, types: Iterable[TensorType] = ()) -> Gr
 
 
 def graph_digest(message: graph_pb2.Graph) -> str:
-    """A content hash of a graph message, the key of the compiled-graph caches."""
-    return hashlib.sha256(message.SerializeToString(deterministic=True)).hexdigest()
+    """A content hash of a graph message, the key of the compiled-graph caches: the digest of
+    its deterministic serialization, which is what the SDK sends."""
+    return wire.graph_digest(message.SerializeToString(deterministic=True))
 
 
 def _decode_attr(node_name: str, op: str, spec: AttrSpec, value: graph_pb2.AttrValue) -> Any:
@@ -193,9 +194,14 @@ CHECK_EVERY = 4096
 
 
 def decode_graph(
-    message: graph_pb2.Graph, check_deadline: Callable[[], None] = no_deadline
+    message: graph_pb2.Graph,
+    check_deadline: Callable[[], None] = no_deadline,
+    digest: str | None = None,
 ) -> Graph:
-    """Decode and validate a Graph message: names, ops, arity, attributes, references, cycles."""
+    """Decode and validate a Graph message: names, ops, arity, attributes, references, cycles.
+
+    `digest` is the message's content digest when the caller has it (from the bytes received).
+    """
     nodes: dict[str, Node] = {}
     for index, node_message in enumerate(message.nodes):
         if index % CHECK_EVERY == 0:
@@ -209,7 +215,7 @@ def decode_graph(
             if source not in nodes:
                 raise node_error(node, f"input {source!r} is not a node of the graph")
     graph = Graph(topological_order(nodes))
-    graph.digest = graph_digest(message)
+    graph.digest = digest or graph_digest(message)
     return graph
 
 

@@ -1,211 +1,297 @@
-"""The gRPC service: maps protobuf <-> engine, and engine errors to status codes, in one place."""
+"""The gRPC service: maps the wire <-> the engine, and engine errors to status codes, in one place.
+
+The methods are registered with raw-bytes handlers: requests are parsed here (by the SDK's wire
+codec, so tensors arrive as read-only views of the received bytes and bytes that do not parse
+are INVALID_ARGUMENT), and responses are written straight into their bytes.
+"""
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from concurrent import futures
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any
 
 import grpc
-import numpy as np
+from google.protobuf import message_factory
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from gradient.v1 import gradient_service_pb2 as service_pb2
-from gradient.v1 import gradient_service_pb2_grpc as service_grpc
 from gradient.v1 import graph_pb2
+from gradient_client import wire
 from gradient_client.client import DEFAULT_MAX_MESSAGE_MB, check_message_mb
-from gradient_client.tensors import TensorFormatError, from_proto, to_proto
+from gradient_client.tensors import TensorFormatError
+from gradient_client.wire import WireFormatError, WireMessage
 
+from .calllog import CallLog
 from .engine import Engine, Limits
-from .errors import DeadlineExceeded, GraphError, LimitExceeded
+from .errors import DeadlineExceeded, GraphError, LimitExceeded, UnknownGraph
 from .gradcheck import CheckSettings, check_gradient
-from .ir import canonical_attr, encode_attr, encode_graph
+from .ir import Graph, canonical_attr, encode_attr, encode_graph
 from .ops import OPS, AttrSpec, OpDef
 from .ops.base import REQUIRED
 
 log = logging.getLogger("gradient_server")
 
-SERVICE_NAME = service_pb2.DESCRIPTOR.services_by_name["GradientService"].full_name
+SERVICE = service_pb2.DESCRIPTOR.services_by_name["GradientService"]
+SERVICE_NAME = SERVICE.full_name
+LISTS = service_pb2.PAYLOAD_FORM_LISTS
 
-R = TypeVar("R")
 
-
-class _Cancelled(Exception):
+class Cancelled(Exception):
     """The client went away; nobody will read the answer."""
 
 
-def _decode_tensors(tensors: Any, what: str = "input") -> dict[str, np.ndarray]:
-    decoded = {}
-    for name, tensor in tensors.items():
-        try:
-            decoded[name] = from_proto(tensor)
-        except TensorFormatError as e:
-            raise GraphError(f"{what} {name!r}: {e}") from None
-    return decoded
+class CallGuard:
+    """A call's deadline and cancellation, checked between ops without taking a lock.
+
+    The deadline is fixed once as a monotonic time; cancellation arrives through gRPC's
+    termination callback, which sets a flag.
+    """
+
+    __slots__ = ("_deadline", "_ended")
+
+    def __init__(self, context: grpc.ServicerContext):
+        self._deadline = time.monotonic() + context.time_remaining()
+        self._ended = not context.add_callback(self._end)
+
+    def _end(self) -> None:
+        self._ended = True
+
+    def check(self) -> None:
+        """DeadlineExceeded once the deadline has passed; Cancelled once the call has ended."""
+        if time.monotonic() > self._deadline:
+            raise DeadlineExceeded
+        if self._ended:
+            raise Cancelled
 
 
-def _decode_seed(request: Any) -> np.ndarray | None:
-    if not request.HasField("seed"):
-        return None
-    try:
-        return from_proto(request.seed)
-    except TensorFormatError as e:
-        raise GraphError(f"seed: {e}") from None
+def status_of(error: BaseException, method: str) -> tuple[grpc.StatusCode, str]:
+    """The status code and message of a failure: the one place errors map to codes."""
+    if isinstance(error, GraphError | TensorFormatError | WireFormatError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(error)
+    if isinstance(error, UnknownGraph):
+        return grpc.StatusCode.NOT_FOUND, str(error)
+    if isinstance(error, LimitExceeded):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)
+    if isinstance(error, MemoryError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, "the server ran out of memory"
+    if isinstance(error, DeadlineExceeded):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded; work stopped"
+    if isinstance(error, Cancelled):
+        return grpc.StatusCode.CANCELLED, "cancelled by the client"
+    # A bug: the trace goes to the log, a short message to the client.
+    log.error("%s failed", method, exc_info=error)
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__})"
+
+
+@dataclass(frozen=True)
+class _Method:
+    """One unary RPC: its request type and the function computing its response."""
+
+    name: str
+    request_type: Any
+    run: Callable[[WireMessage, Callable[[], None]], WireMessage]
+
+
+class GradientServicer:
+    """Implements gradient.v1.GradientService on an Engine, over raw-bytes handlers."""
+
+    def __init__(
+        self,
+        engine: Engine | None = None,
+        *,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_MB << 20,
+        call_log: CallLog | None = None,
+        max_sessions: int = 16,
+    ):
+        self.engine = engine or Engine()
+        self.max_message_bytes = max_message_bytes
+        self.call_log = call_log or CallLog()
+        self._list_ops = service_pb2.ListOpsResponse(
+            ops=[_op_info(OPS[name]) for name in sorted(OPS)]
+        ).SerializeToString()
+        self.sessions = threading.BoundedSemaphore(max_sessions)
+        self.max_sessions = max_sessions
+
+    # -- the handlers ----------------------------------------------------------------------
+
+    def method_handlers(self) -> dict[str, grpc.RpcMethodHandler]:
+        """A raw-bytes handler for every RPC of the service, by method name."""
+        from .session import run_session  # the session module builds on this one
+
+        handlers = {
+            method.name: grpc.unary_unary_rpc_method_handler(self._unary(method))
+            for method in (
+                self._method("Forward", self._forward),
+                self._method("Gradient", self._gradient),
+                self._method("CheckGradient", self._check_gradient),
+                self._method("GradientGraph", self._gradient_graph),
+                self._method("HessianVectorProduct", self._hvp),
+            )
+        }
+        handlers["ListOps"] = grpc.unary_unary_rpc_method_handler(self._list_ops_handler)
+        handlers["Session"] = grpc.stream_stream_rpc_method_handler(
+            lambda requests, context: run_session(self, requests, context)
+        )
+        assert set(handlers) == set(SERVICE.methods_by_name), "every RPC has a handler"
+        return handlers
+
+    @staticmethod
+    def _method(name: str, run) -> _Method:
+        request = message_factory.GetMessageClass(SERVICE.methods_by_name[name].input_type)
+        return _Method(name, request, run)
+
+    def _unary(self, method: _Method) -> Callable[[bytes, grpc.ServicerContext], bytes]:
+        call_log = self.call_log
+
+        def handle(data: bytes, context: grpc.ServicerContext) -> bytes:
+            start = time.perf_counter()
+            guard = CallGuard(context)
+            try:
+                request = wire.decode(data, method.request_type)
+                response = method.run(request, guard.check)
+                as_lists = getattr(request.fields, "response_payload", 0) == LISTS
+                encoded = wire.encode(response, as_lists=as_lists)
+                self._check_response_size(len(encoded))
+                call_log.ok(method.name, start, context)
+                return encoded
+            except Exception as error:  # noqa: BLE001 - every failure gets a status
+                code, details = status_of(error, method.name)
+            call_log.failed(method.name, start, context, code, details)
+            context.abort(code, details)
+            raise AssertionError("abort returns only by raising")
+
+        return handle
+
+    def _list_ops_handler(self, data: bytes, context: grpc.ServicerContext) -> bytes:
+        self.call_log.ok("ListOps", time.perf_counter(), context)
+        return self._list_ops
+
+    def _check_response_size(self, size: int) -> None:
+        if size > self.max_message_bytes:
+            raise LimitExceeded(
+                f"the response would be {size} bytes; the message size limit (max_message_mb) "
+                f"is {self.max_message_bytes} bytes: ask for fewer nodes (fetch, wrt), or use a "
+                "Session, which sends large tensors in chunks"
+            )
+
+    # -- the RPCs --------------------------------------------------------------------------
+
+    def graph_of(self, request: WireMessage, check: Callable[[], None]) -> Graph:
+        """The request's graph: sent whole (cached by its digest) or named by its digest."""
+        digest = request.fields.graph_digest
+        sent = request.raw.get("graph")
+        if digest and sent is not None:
+            raise GraphError("set either graph or graph_digest, not both")
+        if digest:
+            return self.engine.cached_graph(digest)
+        return self.engine.load_graph_bytes(sent if sent is not None else b"", check)
+
+    def _forward(self, request: WireMessage, check: Callable[[], None]) -> WireMessage:
+        graph = self.graph_of(request, check)
+        values = self.engine.forward(
+            graph, request.tensors.get("inputs", {}), request.fields.fetch, check
+        )
+        response = service_pb2.ForwardResponse(graph_digest=graph.digest)
+        return WireMessage(response, tensors={"values": values})
+
+    def _gradient(self, request: WireMessage, check: Callable[[], None]) -> WireMessage:
+        graph = self.graph_of(request, check)
+        fields = request.fields
+        result = self.engine.gradient(
+            graph,
+            request.tensors.get("inputs", {}),
+            fields.output,
+            request.tensors.get("seed"),
+            fields.wrt,
+            fields.fetch,
+            check,
+        )
+        response = service_pb2.GradientResponse(
+            skipped=_skipped(result.skipped), graph_digest=graph.digest
+        )
+        return WireMessage(
+            response, tensors={"values": result.values, "gradients": result.gradients}
+        )
+
+    def _check_gradient(self, request: WireMessage, check: Callable[[], None]) -> WireMessage:
+        graph = self.graph_of(request, check)
+        fields = request.fields
+        defaults = CheckSettings()
+        settings = CheckSettings(
+            eps=fields.eps if fields.HasField("eps") else defaults.eps,
+            atol=fields.atol if fields.HasField("atol") else defaults.atol,
+            rtol=fields.rtol if fields.HasField("rtol") else defaults.rtol,
+            max_elements=max(fields.max_elements, 0),
+            directions=max(fields.directions, 0),
+            random_seed=fields.random_seed,
+        )
+        report = check_gradient(
+            self.engine,
+            graph,
+            request.tensors.get("inputs", {}),
+            fields.output,
+            request.tensors.get("seed"),
+            list(fields.wrt),
+            settings,
+            check,
+        )
+        response = service_pb2.CheckGradientResponse(
+            passed=report.passed,
+            nodes=[
+                service_pb2.NodeGradientCheck(
+                    name=name,
+                    max_abs_error=node.max_abs_error,
+                    max_rel_error=node.max_rel_error,
+                    passed=node.passed,
+                    checked=node.checked,
+                )
+                for name, node in report.nodes.items()
+            ],
+            skipped=_skipped(report.skipped),
+            eps=settings.eps,
+            atol=settings.atol,
+            rtol=settings.rtol,
+            graph_digest=graph.digest,
+        )
+        return WireMessage(response)
+
+    def _gradient_graph(self, request: WireMessage, check: Callable[[], None]) -> WireMessage:
+        graph = self.graph_of(request, check)
+        fields = request.fields
+        combined = self.engine.gradient_graph(
+            graph, request.tensors.get("inputs", {}), fields.output, fields.wrt, check
+        )
+        response = service_pb2.GradientGraphResponse(
+            gradients=combined.gradients,
+            seed=combined.seed,
+            skipped=_skipped(combined.skipped),
+            graph_digest=graph.digest,
+        )
+        return WireMessage(
+            response, raw={"graph": encode_graph(combined.graph).SerializeToString()}
+        )
+
+    def _hvp(self, request: WireMessage, check: Callable[[], None]) -> WireMessage:
+        graph = self.graph_of(request, check)
+        products = self.engine.hvp(
+            graph,
+            request.tensors.get("inputs", {}),
+            request.fields.output,
+            request.tensors.get("vector", {}),
+            check,
+        )
+        response = service_pb2.HessianVectorProductResponse(graph_digest=graph.digest)
+        return WireMessage(response, tensors={"products": products})
 
 
 def _skipped(skipped: dict[str, str]) -> list[service_pb2.SkippedNode]:
     return [service_pb2.SkippedNode(name=name, reason=reason) for name, reason in skipped.items()]
-
-
-def _encode(values: dict[str, np.ndarray], payload: int) -> dict[str, Any]:
-    as_lists = payload == service_pb2.PAYLOAD_FORM_LISTS
-    return {name: to_proto(value, as_lists=as_lists) for name, value in values.items()}
-
-
-class GradientServicer(service_grpc.GradientServiceServicer):
-    """Implements gradient.v1.GradientService on an Engine."""
-
-    def __init__(self, engine: Engine | None = None):
-        self.engine = engine or Engine()
-        self._ops = service_pb2.ListOpsResponse(ops=[_op_info(OPS[name]) for name in sorted(OPS)])
-
-    def Forward(self, request, context):
-        def work(check: Callable[[], None]):
-            graph = self.engine.load_graph(request.graph, check)
-            values = self.engine.forward(
-                graph, _decode_tensors(request.inputs), list(request.fetch), check
-            )
-            return service_pb2.ForwardResponse(values=_encode(values, request.response_payload))
-
-        return self._handle("Forward", context, work)
-
-    def Gradient(self, request, context):
-        def work(check: Callable[[], None]):
-            graph = self.engine.load_graph(request.graph, check)
-            result = self.engine.gradient(
-                graph,
-                _decode_tensors(request.inputs),
-                request.output,
-                _decode_seed(request),
-                list(request.wrt),
-                list(request.fetch),
-                check,
-            )
-            return service_pb2.GradientResponse(
-                values=_encode(result.values, request.response_payload),
-                gradients=_encode(result.gradients, request.response_payload),
-                skipped=_skipped(result.skipped),
-            )
-
-        return self._handle("Gradient", context, work)
-
-    def CheckGradient(self, request, context):
-        def work(check: Callable[[], None]):
-            graph = self.engine.load_graph(request.graph, check)
-            defaults = CheckSettings()
-            settings = CheckSettings(
-                eps=request.eps if request.HasField("eps") else defaults.eps,
-                atol=request.atol if request.HasField("atol") else defaults.atol,
-                rtol=request.rtol if request.HasField("rtol") else defaults.rtol,
-                max_elements=max(request.max_elements, 0),
-                directions=max(request.directions, 0),
-                random_seed=request.random_seed,
-            )
-            report = check_gradient(
-                self.engine,
-                graph,
-                _decode_tensors(request.inputs),
-                request.output,
-                _decode_seed(request),
-                list(request.wrt),
-                settings,
-                check,
-            )
-            return service_pb2.CheckGradientResponse(
-                passed=report.passed,
-                nodes=[
-                    service_pb2.NodeGradientCheck(
-                        name=name,
-                        max_abs_error=node.max_abs_error,
-                        max_rel_error=node.max_rel_error,
-                        passed=node.passed,
-                        checked=node.checked,
-                    )
-                    for name, node in report.nodes.items()
-                ],
-                skipped=_skipped(report.skipped),
-                eps=settings.eps,
-                atol=settings.atol,
-                rtol=settings.rtol,
-            )
-
-        return self._handle("CheckGradient", context, work)
-
-    def GradientGraph(self, request, context):
-        def work(check: Callable[[], None]):
-            graph = self.engine.load_graph(request.graph, check)
-            combined = self.engine.gradient_graph(
-                graph, _decode_tensors(request.inputs), request.output, list(request.wrt), check
-            )
-            return service_pb2.GradientGraphResponse(
-                graph=encode_graph(combined.graph),
-                gradients=combined.gradients,
-                seed=combined.seed,
-                skipped=_skipped(combined.skipped),
-            )
-
-        return self._handle("GradientGraph", context, work)
-
-    def HessianVectorProduct(self, request, context):
-        def work(check: Callable[[], None]):
-            graph = self.engine.load_graph(request.graph, check)
-            vector = _decode_tensors(request.vector, "vector")
-            products = self.engine.hvp(
-                graph, _decode_tensors(request.inputs), request.output, vector, check
-            )
-            return service_pb2.HessianVectorProductResponse(
-                products=_encode(products, request.response_payload)
-            )
-
-        return self._handle("HessianVectorProduct", context, work)
-
-    def ListOps(self, request, context):
-        return self._handle("ListOps", context, lambda check: self._ops)
-
-    def _handle(self, method: str, context, work: Callable[[Callable[[], None]], R]) -> R:
-        """Run one call: map every failure to a status code, and log one line."""
-        start = time.perf_counter()
-        code, details = grpc.StatusCode.OK, ""
-
-        def check_deadline() -> None:
-            if not context.is_active():
-                raise _Cancelled
-            remaining = context.time_remaining()
-            if remaining is not None and remaining <= 0:
-                raise DeadlineExceeded
-
-        try:
-            return work(check_deadline)
-        except GraphError as e:
-            code, details = grpc.StatusCode.INVALID_ARGUMENT, str(e)
-        except LimitExceeded as e:
-            code, details = grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)
-        except DeadlineExceeded:
-            code, details = grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded; work stopped"
-        except _Cancelled:
-            code, details = grpc.StatusCode.CANCELLED, "cancelled by the client"
-        except MemoryError:
-            code, details = grpc.StatusCode.RESOURCE_EXHAUSTED, "the server ran out of memory"
-        except Exception as e:  # a bug: the trace goes to the log, a short message to the client
-            log.exception("%s failed", method)
-            code, details = grpc.StatusCode.INTERNAL, f"internal error ({type(e).__name__})"
-        finally:
-            elapsed = (time.perf_counter() - start) * 1000
-            log.info("%s %s %.1f ms", method, code.name, elapsed)
-        context.abort(code, details)
 
 
 def _attr_default(spec: AttrSpec) -> graph_pb2.AttrValue | None:
@@ -301,24 +387,35 @@ def create_server(
     limits: Limits | None = None,
     threads: int = 8,
     max_message_mb: int = DEFAULT_MAX_MESSAGE_MB,
+    max_sessions: int = 16,
     reuse_port: bool = False,
+    call_log: CallLog | None = None,
 ) -> tuple[GradientServer, int]:
     """Build (but do not start) a server bound to `address`; returns it and the bound port.
 
-    Bind "127.0.0.1:0" to get a free port (as the tests do).
+    Bind "127.0.0.1:0" to get a free port (as the tests do). A session holds a thread for as
+    long as its stream is open, so the pool has `threads` for calls plus one per session.
     """
     max_bytes = check_message_mb(max_message_mb) * 1024 * 1024
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gradient"),
+        futures.ThreadPoolExecutor(
+            max_workers=threads + max_sessions, thread_name_prefix="gradient"
+        ),
         options=[
             ("grpc.max_receive_message_length", max_bytes),
             ("grpc.max_send_message_length", max_bytes),
             ("grpc.so_reuseport", 1 if reuse_port else 0),
         ],
     )
-    service_grpc.add_GradientServiceServicer_to_server(
-        GradientServicer(engine or Engine(limits)), server
+    servicer = GradientServicer(
+        engine or Engine(limits),
+        max_message_bytes=max_bytes,
+        call_log=call_log,
+        max_sessions=max_sessions,
     )
+    handlers = servicer.method_handlers()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
     health_servicer = _HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

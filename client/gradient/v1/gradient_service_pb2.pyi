@@ -13,11 +13,31 @@ class PayloadForm(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     PAYLOAD_FORM_RAW: _ClassVar[PayloadForm]
     PAYLOAD_FORM_LISTS: _ClassVar[PayloadForm]
+
+class StepKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STEP_KIND_GRADIENT: _ClassVar[StepKind]
+    STEP_KIND_FORWARD: _ClassVar[StepKind]
+
+class ChunkTarget(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CHUNK_TARGET_UNSPECIFIED: _ClassVar[ChunkTarget]
+    CHUNK_TARGET_INPUT: _ClassVar[ChunkTarget]
+    CHUNK_TARGET_SEED: _ClassVar[ChunkTarget]
+    CHUNK_TARGET_VALUE: _ClassVar[ChunkTarget]
+    CHUNK_TARGET_GRADIENT: _ClassVar[ChunkTarget]
 PAYLOAD_FORM_RAW: PayloadForm
 PAYLOAD_FORM_LISTS: PayloadForm
+STEP_KIND_GRADIENT: StepKind
+STEP_KIND_FORWARD: StepKind
+CHUNK_TARGET_UNSPECIFIED: ChunkTarget
+CHUNK_TARGET_INPUT: ChunkTarget
+CHUNK_TARGET_SEED: ChunkTarget
+CHUNK_TARGET_VALUE: ChunkTarget
+CHUNK_TARGET_GRADIENT: ChunkTarget
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("graph", "inputs", "fetch", "response_payload")
+    __slots__ = ("graph", "inputs", "fetch", "response_payload", "graph_digest")
     class InputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -29,14 +49,16 @@ class ForwardRequest(_message.Message):
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     FETCH_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_DIGEST_FIELD_NUMBER: _ClassVar[int]
     graph: _graph_pb2.Graph
     inputs: _containers.MessageMap[str, _tensor_pb2.Tensor]
     fetch: _containers.RepeatedScalarFieldContainer[str]
     response_payload: PayloadForm
-    def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., inputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., fetch: _Optional[_Iterable[str]] = ..., response_payload: _Optional[_Union[PayloadForm, str]] = ...) -> None: ...
+    graph_digest: str
+    def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., inputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., fetch: _Optional[_Iterable[str]] = ..., response_payload: _Optional[_Union[PayloadForm, str]] = ..., graph_digest: _Optional[str] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
-    __slots__ = ("values",)
+    __slots__ = ("values", "graph_digest")
     class ValuesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -45,11 +67,13 @@ class ForwardResponse(_message.Message):
         value: _tensor_pb2.Tensor
         def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
     VALUES_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_DIGEST_FIELD_NUMBER: _ClassVar[int]
     values: _containers.MessageMap[str, _tensor_pb2.Tensor]
-    def __init__(self, values: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ...) -> None: ...
+    graph_digest: str
+    def __init__(self, values: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., graph_digest: _Optional[str] = ...) -> None: ...
 
 class GradientRequest(_message.Message):
-    __slots__ = ("graph", "inputs", "output", "seed", "wrt", "fetch", "response_payload")
+    __slots__ = ("graph", "inputs", "output", "seed", "wrt", "fetch", "response_payload", "graph_digest")
     class InputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +88,7 @@ class GradientRequest(_message.Message):
     WRT_FIELD_NUMBER: _ClassVar[int]
     FETCH_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_DIGEST_FIELD_NUMBER: _ClassVar[int]
     graph: _graph_pb2.Graph
     inputs: _containers.MessageMap[str, _tensor_pb2.Tensor]
     output: str
@@ -71,7 +96,8 @@ class GradientRequest(_message.Message):
     wrt: _containers.RepeatedScalarFieldContainer[str]
     fetch: _containers.RepeatedScalarFieldContainer[str]
     response_payload: PayloadForm
-    def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., inputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., output: _Optional[str] = ..., seed: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., wrt: _Optional[_Iterable[str]] = ..., fetch: _Optional[_Iterable[str]] = ..., response_payload: _Optional[_Union[PayloadForm, str]] = ...) -> None: ...
+    graph_digest: str
+    def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., inputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., output: _Optional[str] = ..., seed: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., wrt: _Optional[_Iterable[str]] = ..., fetch: _Optional[_Iterable[str]] = ..., response_payload: _Optional[_Union[PayloadForm, str]] = ..., graph_digest: _Optional[str] = ...) -> None: ...
 
 class SkippedNode(_message.Message):
     __slots__ = ("name", "reason")
@@ -82,7 +108,7 @@ class SkippedNode(_message.Message):
     def __init__(self, name: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class GradientResponse(_message.Message):
-    __slots__ = ("values", "gradients", "skipped")
+    __slots__ = ("values", "gradients", "skipped", "graph_digest")
     class ValuesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -100,10 +126,12 @@ class GradientResponse(_message.Message):
     VALUES_FIELD_NUMBER: _ClassVar[int]
     GRADIENTS_FIELD_NUMBER: _ClassVar[int]
     SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_DIGEST_FIELD_NUMBER: _ClassVar[int]
     values: _containers.MessageMap[str, _tensor_pb2.Tensor]
     gradients: _containers.MessageMap[str, _tensor_pb2.Tensor]
     skipped: _containers.RepeatedCompositeFieldContainer[SkippedNode]
-    def __init__(self, values: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., gradients: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., skipped: _Optional[_Iterable[_Union[SkippedNode, _Mapping]]] = ...) -> None: ...
+    graph_digest: str
+    def __init__(self, values: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., gradients: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., skipped: _Optional[_Iterable[_Union[SkippedNode, _Mapping]]] = ..., graph_digest: _Optional[str] = ...) -> None: ...
 
 class ListOpsRequest(_message.Message):
     __slots__ = ()
@@ -152,7 +180,7 @@ class ListOpsResponse(_message.Message):
     def __init__(self, ops: _Optional[_Iterable[_Union[OpInfo, _Mapping]]] = ...) -> None: ...
 
 class CheckGradientRequest(_message.Message):
-    __slots__ = ("graph", "inputs", "output", "seed", "wrt", "eps", "atol", "rtol", "max_elements", "directions", "random_seed")
+    __slots__ = ("graph", "inputs", "output", "seed", "wrt", "eps", "atol", "rtol", "max_elements", "directions", "random_seed", "graph_digest")
     class InputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -171,6 +199,7 @@ class CheckGradientRequest(_message.Message):
     MAX_ELEMENTS_FIELD_NUMBER: _ClassVar[int]
     DIRECTIONS_FIELD_NUMBER: _ClassVar[int]
     RANDOM_SEED_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_DIGEST_FIELD_NUMBER: _ClassVar[int]
     graph: _graph_pb2.Graph
     inputs: _containers.MessageMap[str, _tensor_pb2.Tensor]
     output: str
@@ -182,7 +211,8 @@ class CheckGradientRequest(_message.Message):
     max_elements: int
     directions: int
     random_seed: int
-    def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., inputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., output: _Optional[str] = ..., seed: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., wrt: _Optional[_Iterable[str]] = ..., eps: _Optional[float] = ..., atol: _Optional[float] = ..., rtol: _Optional[float] = ..., max_elements: _Optional[int] = ..., directions: _Optional[int] = ..., random_seed: _Optional[int] = ...) -> None: ...
+    graph_digest: str
+    def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., inputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., output: _Optional[str] = ..., seed: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., wrt: _Optional[_Iterable[str]] = ..., eps: _Optional[float] = ..., atol: _Optional[float] = ..., rtol: _Optional[float] = ..., max_elements: _Optional[int] = ..., directions: _Optional[int] = ..., random_seed: _Optional[int] = ..., graph_digest: _Optional[str] = ...) -> None: ...
 
 class NodeGradientCheck(_message.Message):
     __slots__ = ("name", "max_abs_error", "max_rel_error", "passed", "checked")
@@ -199,23 +229,25 @@ class NodeGradientCheck(_message.Message):
     def __init__(self, name: _Optional[str] = ..., max_abs_error: _Optional[float] = ..., max_rel_error: _Optional[float] = ..., passed: _Optional[bool] = ..., checked: _Optional[int] = ...) -> None: ...
 
 class CheckGradientResponse(_message.Message):
-    __slots__ = ("passed", "nodes", "skipped", "eps", "atol", "rtol")
+    __slots__ = ("passed", "nodes", "skipped", "eps", "atol", "rtol", "graph_digest")
     PASSED_FIELD_NUMBER: _ClassVar[int]
     NODES_FIELD_NUMBER: _ClassVar[int]
     SKIPPED_FIELD_NUMBER: _ClassVar[int]
     EPS_FIELD_NUMBER: _ClassVar[int]
     ATOL_FIELD_NUMBER: _ClassVar[int]
     RTOL_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_DIGEST_FIELD_NUMBER: _ClassVar[int]
     passed: bool
     nodes: _containers.RepeatedCompositeFieldContainer[NodeGradientCheck]
     skipped: _containers.RepeatedCompositeFieldContainer[SkippedNode]
     eps: float
     atol: float
     rtol: float
-    def __init__(self, passed: _Optional[bool] = ..., nodes: _Optional[_Iterable[_Union[NodeGradientCheck, _Mapping]]] = ..., skipped: _Optional[_Iterable[_Union[SkippedNode, _Mapping]]] = ..., eps: _Optional[float] = ..., atol: _Optional[float] = ..., rtol: _Optional[float] = ...) -> None: ...
+    graph_digest: str
+    def __init__(self, passed: _Optional[bool] = ..., nodes: _Optional[_Iterable[_Union[NodeGradientCheck, _Mapping]]] = ..., skipped: _Optional[_Iterable[_Union[SkippedNode, _Mapping]]] = ..., eps: _Optional[float] = ..., atol: _Optional[float] = ..., rtol: _Optional[float] = ..., graph_digest: _Optional[str] = ...) -> None: ...
 
 class GradientGraphRequest(_message.Message):
-    __slots__ = ("graph", "inputs", "output", "wrt")
+    __slots__ = ("graph", "inputs", "output", "wrt", "graph_digest")
     class InputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -227,14 +259,16 @@ class GradientGraphRequest(_message.Message):
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     WRT_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_DIGEST_FIELD_NUMBER: _ClassVar[int]
     graph: _graph_pb2.Graph
     inputs: _containers.MessageMap[str, _tensor_pb2.Tensor]
     output: str
     wrt: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., inputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., output: _Optional[str] = ..., wrt: _Optional[_Iterable[str]] = ...) -> None: ...
+    graph_digest: str
+    def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., inputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., output: _Optional[str] = ..., wrt: _Optional[_Iterable[str]] = ..., graph_digest: _Optional[str] = ...) -> None: ...
 
 class GradientGraphResponse(_message.Message):
-    __slots__ = ("graph", "gradients", "seed", "skipped")
+    __slots__ = ("graph", "gradients", "seed", "skipped", "graph_digest")
     class GradientsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -246,14 +280,16 @@ class GradientGraphResponse(_message.Message):
     GRADIENTS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_DIGEST_FIELD_NUMBER: _ClassVar[int]
     graph: _graph_pb2.Graph
     gradients: _containers.ScalarMap[str, str]
     seed: str
     skipped: _containers.RepeatedCompositeFieldContainer[SkippedNode]
-    def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., gradients: _Optional[_Mapping[str, str]] = ..., seed: _Optional[str] = ..., skipped: _Optional[_Iterable[_Union[SkippedNode, _Mapping]]] = ...) -> None: ...
+    graph_digest: str
+    def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., gradients: _Optional[_Mapping[str, str]] = ..., seed: _Optional[str] = ..., skipped: _Optional[_Iterable[_Union[SkippedNode, _Mapping]]] = ..., graph_digest: _Optional[str] = ...) -> None: ...
 
 class HessianVectorProductRequest(_message.Message):
-    __slots__ = ("graph", "inputs", "output", "vector", "response_payload")
+    __slots__ = ("graph", "inputs", "output", "vector", "response_payload", "graph_digest")
     class InputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -273,15 +309,17 @@ class HessianVectorProductRequest(_message.Message):
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     VECTOR_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_DIGEST_FIELD_NUMBER: _ClassVar[int]
     graph: _graph_pb2.Graph
     inputs: _containers.MessageMap[str, _tensor_pb2.Tensor]
     output: str
     vector: _containers.MessageMap[str, _tensor_pb2.Tensor]
     response_payload: PayloadForm
-    def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., inputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., output: _Optional[str] = ..., vector: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., response_payload: _Optional[_Union[PayloadForm, str]] = ...) -> None: ...
+    graph_digest: str
+    def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., inputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., output: _Optional[str] = ..., vector: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., response_payload: _Optional[_Union[PayloadForm, str]] = ..., graph_digest: _Optional[str] = ...) -> None: ...
 
 class HessianVectorProductResponse(_message.Message):
-    __slots__ = ("products",)
+    __slots__ = ("products", "graph_digest")
     class ProductsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -290,5 +328,114 @@ class HessianVectorProductResponse(_message.Message):
         value: _tensor_pb2.Tensor
         def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
     PRODUCTS_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_DIGEST_FIELD_NUMBER: _ClassVar[int]
     products: _containers.MessageMap[str, _tensor_pb2.Tensor]
-    def __init__(self, products: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ...) -> None: ...
+    graph_digest: str
+    def __init__(self, products: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., graph_digest: _Optional[str] = ...) -> None: ...
+
+class SessionRequest(_message.Message):
+    __slots__ = ("start", "steps", "chunks")
+    START_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    start: SessionStart
+    steps: _containers.RepeatedCompositeFieldContainer[SessionStep]
+    chunks: _containers.RepeatedCompositeFieldContainer[TensorChunk]
+    def __init__(self, start: _Optional[_Union[SessionStart, _Mapping]] = ..., steps: _Optional[_Iterable[_Union[SessionStep, _Mapping]]] = ..., chunks: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ...) -> None: ...
+
+class SessionStart(_message.Message):
+    __slots__ = ("graph", "graph_digest", "output", "wrt", "fetch", "response_payload", "max_message_bytes", "stop_on_error")
+    GRAPH_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    WRT_FIELD_NUMBER: _ClassVar[int]
+    FETCH_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STOP_ON_ERROR_FIELD_NUMBER: _ClassVar[int]
+    graph: _graph_pb2.Graph
+    graph_digest: str
+    output: str
+    wrt: _containers.RepeatedScalarFieldContainer[str]
+    fetch: _containers.RepeatedScalarFieldContainer[str]
+    response_payload: PayloadForm
+    max_message_bytes: int
+    stop_on_error: bool
+    def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., graph_digest: _Optional[str] = ..., output: _Optional[str] = ..., wrt: _Optional[_Iterable[str]] = ..., fetch: _Optional[_Iterable[str]] = ..., response_payload: _Optional[_Union[PayloadForm, str]] = ..., max_message_bytes: _Optional[int] = ..., stop_on_error: _Optional[bool] = ...) -> None: ...
+
+class SessionStep(_message.Message):
+    __slots__ = ("kind", "inputs", "seed")
+    class InputsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    kind: StepKind
+    inputs: _containers.MessageMap[str, _tensor_pb2.Tensor]
+    seed: _tensor_pb2.Tensor
+    def __init__(self, kind: _Optional[_Union[StepKind, str]] = ..., inputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., seed: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
+class TensorChunk(_message.Message):
+    __slots__ = ("target", "name", "index", "dtype", "shape", "data")
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    target: ChunkTarget
+    name: str
+    index: int
+    dtype: _tensor_pb2.DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    def __init__(self, target: _Optional[_Union[ChunkTarget, str]] = ..., name: _Optional[str] = ..., index: _Optional[int] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class StepError(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class StepResult(_message.Message):
+    __slots__ = ("values", "gradients", "skipped", "error")
+    class ValuesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    class GradientsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    GRADIENTS_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.MessageMap[str, _tensor_pb2.Tensor]
+    gradients: _containers.MessageMap[str, _tensor_pb2.Tensor]
+    skipped: _containers.RepeatedCompositeFieldContainer[SkippedNode]
+    error: StepError
+    def __init__(self, values: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., gradients: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., skipped: _Optional[_Iterable[_Union[SkippedNode, _Mapping]]] = ..., error: _Optional[_Union[StepError, _Mapping]] = ...) -> None: ...
+
+class SessionResponse(_message.Message):
+    __slots__ = ("results", "chunks", "graph_digest")
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[StepResult]
+    chunks: _containers.RepeatedCompositeFieldContainer[TensorChunk]
+    graph_digest: str
+    def __init__(self, results: _Optional[_Iterable[_Union[StepResult, _Mapping]]] = ..., chunks: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ..., graph_digest: _Optional[str] = ...) -> None: ...

@@ -29,11 +29,19 @@ class GradientServiceStub:
     """Evaluates computation graphs and their gradients.
 
     Errors: INVALID_ARGUMENT for a malformed graph, an unknown op, a bad
-    attribute, a shape or dtype mismatch, a missing or unknown input, a cycle or
-    a bad tensor payload (the message names the node, its op and the shapes);
-    RESOURCE_EXHAUSTED when a request exceeds a configured limit (the message
-    names the limit); DEADLINE_EXCEEDED when the deadline passes (work stops
-    between ops); INTERNAL for a server bug.
+    attribute, a shape or dtype mismatch, a missing or unknown input, a cycle, a
+    bad tensor payload or bytes that do not parse (the message names the node,
+    its op and the shapes); NOT_FOUND for a `graph_digest` the server does not
+    hold (send the graph itself); RESOURCE_EXHAUSTED when a request exceeds a
+    configured limit (the message names the limit); DEADLINE_EXCEEDED when the
+    deadline passes (work stops between ops); INTERNAL for a server bug.
+
+    Graph handles: every request that takes a graph may send, instead of the
+    graph, the `graph_digest` that a previous response returned for it (the
+    lowercase hex SHA-256 of the serialized Graph message as it was sent). The
+    server keeps graphs cached by that digest; one that does not hold it (it
+    restarted, evicted it, or is another replica) answers NOT_FOUND, and the
+    client sends the graph itself again. Nothing else is kept between calls.
     """
 
     def __init__(self, channel):
@@ -72,17 +80,30 @@ class GradientServiceStub:
                 request_serializer=gradient_dot_v1_dot_gradient__service__pb2.HessianVectorProductRequest.SerializeToString,
                 response_deserializer=gradient_dot_v1_dot_gradient__service__pb2.HessianVectorProductResponse.FromString,
                 _registered_method=True)
+        self.Session = channel.stream_stream(
+                '/gradient.v1.GradientService/Session',
+                request_serializer=gradient_dot_v1_dot_gradient__service__pb2.SessionRequest.SerializeToString,
+                response_deserializer=gradient_dot_v1_dot_gradient__service__pb2.SessionResponse.FromString,
+                _registered_method=True)
 
 
 class GradientServiceServicer:
     """Evaluates computation graphs and their gradients.
 
     Errors: INVALID_ARGUMENT for a malformed graph, an unknown op, a bad
-    attribute, a shape or dtype mismatch, a missing or unknown input, a cycle or
-    a bad tensor payload (the message names the node, its op and the shapes);
-    RESOURCE_EXHAUSTED when a request exceeds a configured limit (the message
-    names the limit); DEADLINE_EXCEEDED when the deadline passes (work stops
-    between ops); INTERNAL for a server bug.
+    attribute, a shape or dtype mismatch, a missing or unknown input, a cycle, a
+    bad tensor payload or bytes that do not parse (the message names the node,
+    its op and the shapes); NOT_FOUND for a `graph_digest` the server does not
+    hold (send the graph itself); RESOURCE_EXHAUSTED when a request exceeds a
+    configured limit (the message names the limit); DEADLINE_EXCEEDED when the
+    deadline passes (work stops between ops); INTERNAL for a server bug.
+
+    Graph handles: every request that takes a graph may send, instead of the
+    graph, the `graph_digest` that a previous response returned for it (the
+    lowercase hex SHA-256 of the serialized Graph message as it was sent). The
+    server keeps graphs cached by that digest; one that does not hold it (it
+    restarted, evicted it, or is another replica) answers NOT_FOUND, and the
+    client sends the graph itself again. Nothing else is kept between calls.
     """
 
     def Forward(self, request, context):
@@ -134,6 +155,20 @@ class GradientServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Session(self, request_iterator, context):
+        """Runs many steps on one graph over one stream, for loops such as training:
+        the first message fixes the graph, the output, wrt and fetch (SessionStart),
+        and later messages carry only each step's inputs. Every step gets one
+        StepResult, in the order the steps were sent; a failed step reports its
+        status in its StepResult and the session goes on (unless stop_on_error).
+        Tensors larger than one message travel as TensorChunks, both ways. A bad
+        SessionStart (or a digest the server does not hold) ends the stream with
+        its status. The session's state lives only as long as the stream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GradientServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -167,6 +202,11 @@ def add_GradientServiceServicer_to_server(servicer, server):
                     request_deserializer=gradient_dot_v1_dot_gradient__service__pb2.HessianVectorProductRequest.FromString,
                     response_serializer=gradient_dot_v1_dot_gradient__service__pb2.HessianVectorProductResponse.SerializeToString,
             ),
+            'Session': grpc.stream_stream_rpc_method_handler(
+                    servicer.Session,
+                    request_deserializer=gradient_dot_v1_dot_gradient__service__pb2.SessionRequest.FromString,
+                    response_serializer=gradient_dot_v1_dot_gradient__service__pb2.SessionResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'gradient.v1.GradientService', rpc_method_handlers)
@@ -179,11 +219,19 @@ class GradientService:
     """Evaluates computation graphs and their gradients.
 
     Errors: INVALID_ARGUMENT for a malformed graph, an unknown op, a bad
-    attribute, a shape or dtype mismatch, a missing or unknown input, a cycle or
-    a bad tensor payload (the message names the node, its op and the shapes);
-    RESOURCE_EXHAUSTED when a request exceeds a configured limit (the message
-    names the limit); DEADLINE_EXCEEDED when the deadline passes (work stops
-    between ops); INTERNAL for a server bug.
+    attribute, a shape or dtype mismatch, a missing or unknown input, a cycle, a
+    bad tensor payload or bytes that do not parse (the message names the node,
+    its op and the shapes); NOT_FOUND for a `graph_digest` the server does not
+    hold (send the graph itself); RESOURCE_EXHAUSTED when a request exceeds a
+    configured limit (the message names the limit); DEADLINE_EXCEEDED when the
+    deadline passes (work stops between ops); INTERNAL for a server bug.
+
+    Graph handles: every request that takes a graph may send, instead of the
+    graph, the `graph_digest` that a previous response returned for it (the
+    lowercase hex SHA-256 of the serialized Graph message as it was sent). The
+    server keeps graphs cached by that digest; one that does not hold it (it
+    restarted, evicted it, or is another replica) answers NOT_FOUND, and the
+    client sends the graph itself again. Nothing else is kept between calls.
     """
 
     @staticmethod
@@ -338,6 +386,33 @@ class GradientService:
             '/gradient.v1.GradientService/HessianVectorProduct',
             gradient_dot_v1_dot_gradient__service__pb2.HessianVectorProductRequest.SerializeToString,
             gradient_dot_v1_dot_gradient__service__pb2.HessianVectorProductResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Session(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/gradient.v1.GradientService/Session',
+            gradient_dot_v1_dot_gradient__service__pb2.SessionRequest.SerializeToString,
+            gradient_dot_v1_dot_gradient__service__pb2.SessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

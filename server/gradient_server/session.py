@@ -1,0 +1,253 @@
+"""The Session stream: many steps on one graph, one result per step, in order.
+
+The first message fixes the graph, output, wrt and fetch; every later one carries steps'
+inputs (and the chunks of tensors larger than one message). Each step runs through the
+engine exactly as a unary call does (same caches, same limits); a failed step reports its
+status in its StepResult and the session goes on, unless the client asked to stop. Results
+of the steps of one message go back in as few messages as their size allows.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from gradient.v1 import gradient_service_pb2 as service_pb2
+from gradient_client import wire
+from gradient_client.tensors import TensorFormatError
+from gradient_client.wire import WireFormatError, WireMessage
+
+from .errors import DeadlineExceeded, GraphError, LimitExceeded
+from .ir import Graph
+from .service import LISTS, CallGuard, Cancelled, GradientServicer, status_of
+
+METHOD = "Session"
+
+
+class _EndStream(Exception):
+    """The stream ends with this status (a bad start, a bad message, or stop_on_error)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """What every step of the session computes (from its SessionStart)."""
+
+    graph: Graph
+    output: str
+    wrt: tuple[str, ...]
+    fetch: tuple[str, ...]
+    as_lists: bool
+    budget: int  # tensor payload bytes one response message may carry
+    stop_on_error: bool
+
+
+def run_session(
+    servicer: GradientServicer, requests: Iterator[bytes], context: grpc.ServicerContext
+) -> Iterator[bytes]:
+    """The Session handler: a raw-bytes stream in, a raw-bytes stream out."""
+    start = time.perf_counter()
+    if not servicer.sessions.acquire(blocking=False):
+        details = (
+            f"too many open sessions: the limit (max_sessions) is {servicer.max_sessions}; "
+            "close one, or use unary calls"
+        )
+        servicer.call_log.failed(
+            METHOD, start, context, grpc.StatusCode.RESOURCE_EXHAUSTED, details
+        )
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, details)
+    try:
+        yield from _Session(servicer, CallGuard(context)).serve(requests)
+    except _EndStream as end:
+        code, details = end.code, end.details
+    except Exception as error:  # noqa: BLE001 - every failure gets a status
+        code, details = status_of(error, METHOD)
+    else:
+        servicer.call_log.ok(METHOD, start, context)
+        return
+    finally:
+        servicer.sessions.release()
+    servicer.call_log.failed(METHOD, start, context, code, details)
+    context.abort(code, details)
+
+
+class _Session:
+    def __init__(self, servicer: GradientServicer, guard: CallGuard):
+        self.servicer = servicer
+        self.engine = servicer.engine
+        self.guard = guard
+        self.spec: _Spec | None = None
+        self.chunks = wire.ChunkAssembler(self._check_chunked_size)
+        self.first_response = True
+
+    def serve(self, requests: Iterator[bytes]) -> Iterator[bytes]:
+        for data in requests:
+            try:
+                message = wire.decode(data, service_pb2.SessionRequest)
+            except (WireFormatError, TensorFormatError) as e:
+                raise _EndStream(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"a session message does not parse: {e}"
+                ) from None
+            for start in message.nested.get("start", ()):
+                self._open(start)
+            for chunk in message.nested.get("chunks", ()):
+                self.chunks.add(chunk)
+            steps = message.nested.get("steps", ())
+            if steps and self.spec is None:
+                raise _EndStream(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "the first message of a session must carry `start` (the graph, output, "
+                    "wrt and fetch)",
+                )
+            results = [self._step(step) for step in steps]
+            yield from self._responses(results)
+
+    # -- the start -------------------------------------------------------------------------
+
+    def _open(self, start: WireMessage) -> None:
+        if self.spec is not None:
+            raise _EndStream(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "a session takes one start; open another session for another graph",
+            )
+        if start.error is not None:
+            raise start.error
+        graph = self.servicer.graph_of(start, self.guard.check)
+        fields = start.fields
+        for what, names in (("wrt", fields.wrt), ("fetch", fields.fetch)):
+            for name in names:
+                if name not in graph:
+                    raise GraphError(f"{what} names {name!r}, which is not a node of the graph")
+        if fields.output and fields.output not in graph:
+            raise GraphError(f"output names {fields.output!r}, which is not a node of the graph")
+        limit = self.servicer.max_message_bytes
+        if fields.max_message_bytes > 0:
+            limit = min(limit, fields.max_message_bytes)
+        self.spec = _Spec(
+            graph,
+            fields.output,
+            tuple(fields.wrt),
+            tuple(fields.fetch),
+            fields.response_payload == LISTS,
+            wire.chunk_budget(limit),
+            fields.stop_on_error,
+        )
+
+    # -- the steps -------------------------------------------------------------------------
+
+    def _check_chunked_size(self, what: str, dtype: np.dtype, shape: tuple[int, ...]) -> None:
+        limits = self.engine.limits
+        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        if count > limits.max_tensor_elements:
+            raise LimitExceeded(
+                f"{what} has {count} elements; the limit (max_tensor_elements) is "
+                f"{limits.max_tensor_elements}"
+            )
+        if count * dtype.itemsize > limits.max_bytes:
+            raise LimitExceeded(
+                f"{what} has {count * dtype.itemsize} bytes; the limit (max_bytes) is "
+                f"{limits.max_bytes}"
+            )
+
+    def _step(self, step: WireMessage) -> WireMessage:
+        """The step's StepResult; a failure is reported in it (or ends the stream)."""
+        try:
+            return self._run(step)
+        except (DeadlineExceeded, Cancelled):
+            raise
+        except Exception as error:  # noqa: BLE001 - every failure gets a status
+            code, details = status_of(error, METHOD)
+        assert self.spec is not None
+        if self.spec.stop_on_error:
+            raise _EndStream(code, details)
+        failure = service_pb2.StepError(code=code.value[0], message=details)
+        return WireMessage(service_pb2.StepResult(error=failure))
+
+    def _run(self, step: WireMessage) -> WireMessage:
+        spec = self.spec
+        assert spec is not None
+        chunked = self.chunks.take()
+        if step.error is not None:
+            raise step.error
+        inputs = dict(step.tensors.get("inputs", {}))
+        seed = step.tensors.get("seed")
+        for (target, name), array in chunked.items():
+            if target == service_pb2.CHUNK_TARGET_SEED:
+                seed = array
+            elif target == service_pb2.CHUNK_TARGET_INPUT and name not in inputs:
+                inputs[name] = array
+            else:
+                raise GraphError(f"chunks of {name!r} do not belong in a request, or repeat it")
+        if step.fields.kind == service_pb2.STEP_KIND_FORWARD:
+            values = self.engine.forward(spec.graph, inputs, spec.fetch, self.guard.check)
+            return WireMessage(service_pb2.StepResult(), tensors={"values": values})
+        if step.fields.kind != service_pb2.STEP_KIND_GRADIENT:
+            raise GraphError(f"step kind {step.fields.kind} is not known")
+        result = self.engine.gradient(
+            spec.graph, inputs, spec.output, seed, spec.wrt, spec.fetch, self.guard.check
+        )
+        skipped = [service_pb2.SkippedNode(name=n, reason=r) for n, r in result.skipped.items()]
+        return WireMessage(
+            service_pb2.StepResult(skipped=skipped),
+            tensors={"values": result.values, "gradients": result.gradients},
+        )
+
+    # -- the responses ---------------------------------------------------------------------
+
+    def _responses(self, results: list[WireMessage]) -> Iterator[bytes]:
+        """The results as response messages, each within the size budget: a result's tensors
+        that do not fit go first, as chunks, each in a message of its own."""
+        spec = self.spec
+        if spec is None or not results:
+            return
+        batch: list[WireMessage] = []
+        used = 0
+        for result in results:
+            size = sum(wire.payload_bytes(t) for t in result.tensors.values())
+            chunks = []
+            if size > spec.budget:
+                chunks = self._chunk(result, spec.budget)
+                size = sum(wire.payload_bytes(t) for t in result.tensors.values())
+            if batch and (chunks or used + size > spec.budget):
+                yield self._encode(batch)
+                batch, used = [], 0
+            for chunk in chunks:
+                yield self._encode([], [chunk])
+            batch.append(result)
+            used += size
+        yield self._encode(batch)
+
+    @staticmethod
+    def _chunk(result: WireMessage, budget: int) -> list[WireMessage]:
+        """Move the tensors of `result` that do not fit in one message into chunks."""
+        targets = {
+            "values": service_pb2.CHUNK_TARGET_VALUE,
+            "gradients": service_pb2.CHUNK_TARGET_GRADIENT,
+        }
+        chunks: list[WireMessage] = []
+        remaining = budget
+        for field, tensors in result.tensors.items():
+            inline, chunked = wire.split_oversized(tensors, remaining)
+            remaining -= wire.payload_bytes(inline)
+            result.tensors[field] = inline
+            for name, array in chunked.items():
+                chunks += wire.chunks_of(targets[field], name, array, budget)
+        return chunks
+
+    def _encode(self, results: list[WireMessage], chunks: list[WireMessage] = ()) -> bytes:
+        spec = self.spec
+        assert spec is not None
+        fields = service_pb2.SessionResponse()
+        if self.first_response:
+            fields.graph_digest = spec.graph.digest
+            self.first_response = False
+        nested = {"results": results, "chunks": list(chunks)}
+        return wire.encode(WireMessage(fields, nested=nested), as_lists=spec.as_lists)
