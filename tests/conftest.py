@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import os
 
-import pytest
-from hypothesis import settings
+# Every op's result is checked against the type its rule promised (the engine's debug mode),
+# in this process and in the servers the tests start.
+os.environ.setdefault("GRADIENT_CHECK_RESULT_TYPES", "1")
 
-from gradient_client import GradientClient
-from gradient_server.engine import Engine
-from gradient_server.service import create_server
+import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+from gradient_client import GradientClient  # noqa: E402
+from gradient_server.engine import Engine  # noqa: E402
+from gradient_server.service import create_server  # noqa: E402
 
 # CI draws the same hypothesis examples on every run (and keeps no example database), so a
 # red run always reproduces; locally the examples vary from run to run.

@@ -183,57 +183,52 @@ def _tag(number: int, wire_type: int = _LEN) -> bytes:
 _SMALL = 1024
 """Below this many bytes a payload is copied with tobytes(): cheaper than making a view."""
 
-_headers: dict[tuple[int, tuple[int, ...]], bytes] = {}
-_keys: dict[str, bytes] = {}
-_CACHED = 4096  # entries of each small cache above (shapes and names repeat across calls)
+_CACHED = 4096
+"""Entries of each small cache of this module (shapes and names repeat from call to call)."""
+
+_prefixes: dict[tuple[int, str | None, np.dtype, tuple[int, ...]], bytes] = {}
 
 
-def _tensor_header(wire: int, shape: tuple[int, ...], nbytes: int) -> bytes:
-    """A Tensor's fields 1 and 2, then field 3's tag and length (when it has bytes)."""
-    header = _headers.get((wire, shape))
-    if header is None:
-        header = b"\x08" + _ONE_BYTE[wire]
-        if shape:
-            dims = b"".join(_varint(d) for d in shape)
-            header += b"\x12" + _varint(len(dims)) + dims
-        if nbytes:
-            header += b"\x1a" + _varint(nbytes)
-        if len(_headers) >= _CACHED:
-            _headers.clear()
-        _headers[(wire, shape)] = header
-    return header
+def _tensor_prefix(number: int, key: str | None, wire: int, shape: tuple[int, ...], nbytes: int):
+    """The bytes of a Tensor field (or of a map entry holding one) that precede its payload:
+    tag and length, the key, then the Tensor's fields 1 (dtype), 2 (shape) and 3's tag."""
+    header = b"\x08" + _ONE_BYTE[wire]
+    if shape:
+        dims = b"".join(_varint(d) for d in shape)
+        header += b"\x12" + _varint(len(dims)) + dims
+    if nbytes:
+        header += b"\x1a" + _varint(nbytes)
+    tensor = _varint(len(header) + nbytes) + header
+    if key is None:
+        return _tag(number) + tensor
+    raw_key = key.encode()
+    entry = b"\x0a" + _varint(len(raw_key)) + raw_key + b"\x12" + tensor
+    return _tag(number) + _varint(len(entry) + nbytes) + entry
 
 
-def _tensor_parts(value: Any) -> tuple[bytes, Any]:
-    """A Tensor's bytes as (header, payload), the payload a view of the array's memory.
-
-    The join that builds the message copies the payload once; an array that is not
-    little-endian and C-contiguous is first made so (the one copy numpy needs).
-    """
-    wire, array = wire_array(value)
-    nbytes = array.nbytes
-    header = _tensor_header(wire, array.shape, nbytes)
-    if nbytes < _SMALL:
-        return header, array.tobytes()
-    return header, array.data.cast("B")
-
-
-def _key_field(key: str) -> bytes:
-    """A map entry's key field."""
-    encoded = _keys.get(key)
-    if encoded is None:
-        raw = key.encode()
-        encoded = b"\x0a" + _varint(len(raw)) + raw
-        if len(_keys) >= _CACHED:
-            _keys.clear()
-        _keys[key] = encoded
-    return encoded
+def _tensor_field(number: int, key: str | None, value: Any) -> tuple[bytes, Any]:
+    """A Tensor field (or map entry) as (prefix, payload): the payload is the array's memory,
+    copied once by the join that builds the message (an array that is not little-endian and
+    C-contiguous is first made so, the one copy numpy needs)."""
+    array = value if isinstance(value, np.ndarray) else np.asarray(value)
+    cache_key = (number, key, array.dtype, array.shape)
+    prefix = _prefixes.get(cache_key)
+    if prefix is None or not array.flags.c_contiguous:
+        wire, ready = wire_array(array)
+        prefix = _tensor_prefix(number, key, wire, ready.shape, ready.nbytes)
+        if ready is array:  # the prefix holds for every array of this dtype and shape
+            if len(_prefixes) >= _CACHED:
+                _prefixes.clear()
+            _prefixes[cache_key] = prefix
+        array = ready
+    if array.nbytes < _SMALL:
+        return prefix, array.tobytes()
+    return prefix, array.data.cast("B")
 
 
 def _parts(message: WireMessage, as_lists: bool) -> tuple[list[Any], int]:
     """The buffers whose concatenation is the message, and their total length."""
-    descriptor = message.fields.DESCRIPTOR
-    fields_by_name = descriptor.fields_by_name
+    fields_by_name = message.fields.DESCRIPTOR.fields_by_name
     plain = message.fields
     if as_lists and message.tensors:
         plain = type(plain)()
@@ -247,37 +242,23 @@ def _parts(message: WireMessage, as_lists: bool) -> tuple[list[Any], int]:
                 target.CopyFrom(to_proto(value, as_lists=True))
     head = plain.SerializeToString()
     parts: list[Any] = [head]
-    size = len(head)
     if not as_lists:
         for name, value in message.tensors.items():
             number = fields_by_name[name].number
             if isinstance(value, Mapping):
                 for key, array in value.items():
-                    header, payload = _tensor_parts(array)
-                    tensor_size = len(header) + len(payload)
-                    entry = _key_field(key) + b"\x12" + _varint(tensor_size) + header
-                    entry_size = len(entry) + len(payload)
-                    prefix = _tag(number) + _varint(entry_size)
-                    parts += (prefix + entry, payload)
-                    size += len(prefix) + entry_size
+                    parts += _tensor_field(number, key, array)
             else:
-                header, payload = _tensor_parts(value)
-                tensor_size = len(header) + len(payload)
-                prefix = _tag(number) + _varint(tensor_size)
-                parts += (prefix + header, payload)
-                size += len(prefix) + tensor_size
+                parts += _tensor_field(number, None, value)
     for name, occurrences in message.nested.items():
         number = fields_by_name[name].number
         for occurrence in occurrences:
             inner, inner_size = _parts(occurrence, as_lists)
-            prefix = _tag(number) + _varint(inner_size)
-            parts += (prefix, *inner)
-            size += len(prefix) + inner_size
+            parts.append(_tag(number) + _varint(inner_size))
+            parts += inner
     for name, value in message.raw.items():
-        prefix = _tag(fields_by_name[name].number) + _varint(len(value))
-        parts += (prefix, value)
-        size += len(prefix) + len(value)
-    return parts, size
+        parts += (_tag(fields_by_name[name].number) + _varint(len(value)), value)
+    return parts, sum(map(len, parts))
 
 
 def encode(message: WireMessage, *, as_lists: bool = False) -> bytes:
@@ -533,14 +514,140 @@ def _decode_nested(data: bytes, message_type: Any, spans: list[tuple[int, int]])
 def decode(data: bytes, message_type: Any) -> WireMessage:
     """Split received bytes into a WireMessage of `message_type` (a generated message class).
 
-    Tensors are read-only views of `data`; Graph and chunk fields are memoryviews of it.
-    WireFormatError if the bytes do not parse; TensorFormatError (naming the field and key)
-    if a tensor is inconsistent.
+    Tensors are read-only views of `data`; Graph and chunk fields are memoryviews of it. The
+    `fields` message may be shared with earlier messages of the same layout: do not modify
+    it. WireFormatError if the bytes do not parse; TensorFormatError (naming the field and
+    key) if a tensor is inconsistent.
     """
+    layout = _layouts.get((message_type, len(data)))
+    if layout is not None and _skeleton(data, layout.cuts) == layout.skeleton:
+        return _rebuild(layout.template, data, layout.cuts)
     try:
-        return _decode(data, message_type, [(0, len(data))])
+        message = _decode(data, message_type, [(0, len(data))])
     except IndexError:
         raise WireFormatError("the message is truncated") from None
+    _remember_layout(data, message_type, message)
+    return message
+
+
+# ---------------------------------------------------------------------------------------------
+# Layouts: a message with the same bytes as an earlier one, but for its tensors' payloads,
+# has the same fields and the same tensors at the same places. Calls in a loop send such
+# messages; they are decoded by checking those bytes and viewing the payloads.
+
+
+@dataclass(frozen=True)
+class _Layout:
+    cuts: tuple[int, ...]  # start and end of each payload, in order
+    skeleton: bytes  # the message's bytes with the payloads cut out
+    template: tuple  # (fields, tensors, nested, raw) of the decoded message, payloads indexed
+
+
+_layouts: dict[tuple[Any, int], _Layout] = {}
+
+
+def _skeleton(data: bytes, cuts: tuple[int, ...]) -> bytes:
+    view = memoryview(data)
+    pieces = []
+    position = 0
+    for index in range(0, len(cuts), 2):
+        pieces.append(view[position : cuts[index]])
+        position = cuts[index + 1]
+    pieces.append(view[position:])
+    return b"".join(pieces)
+
+
+def _address(buffer: Any) -> int:
+    return np.frombuffer(buffer, np.uint8).__array_interface__["data"][0]
+
+
+def _template(message: WireMessage, data: bytes, base: int, regions: list) -> tuple | None:
+    """The message with each payload replaced by its region's index (appended to `regions`),
+    or None if some part is not a view of `data` (list-form tensors, merged fields)."""
+    if message.error is not None:
+        return None
+    tensors = []
+    for name, value in message.tensors.items():
+        entries = value.items() if isinstance(value, dict) else [(None, value)]
+        for key, array in entries:
+            if not array.nbytes:
+                tensors.append((name, key, -1, array))
+                continue
+            offset = array.__array_interface__["data"][0] - base
+            if not 0 <= offset <= len(data) - array.nbytes or not array.flags.c_contiguous:
+                return None
+            regions.append((offset, offset + array.nbytes))
+            tensors.append((name, key, len(regions) - 1, (array.dtype, array.size, array.shape)))
+    nested = []
+    for name, occurrences in message.nested.items():
+        templates = [_template(occurrence, data, base, regions) for occurrence in occurrences]
+        if any(t is None for t in templates):
+            return None
+        nested.append((name, templates))
+    raw = []
+    for name, value in message.raw.items():
+        if not isinstance(value, memoryview):
+            return None
+        if not len(value):
+            raw.append((name, -1))
+            continue
+        offset = _address(value) - base
+        regions.append((offset, offset + len(value)))
+        raw.append((name, len(regions) - 1))
+    return (message.fields, tensors, nested, raw)
+
+
+def _remember_layout(data: bytes, message_type: Any, message: WireMessage) -> None:
+    if not data:
+        return
+    regions: list[tuple[int, int]] = []
+    template = _template(message, data, _address(data), regions)
+    if template is None:
+        return
+    order = sorted(range(len(regions)), key=lambda i: regions[i][0])
+    cuts = tuple(bound for i in order for bound in regions[i])
+    if any(a > b for a, b in zip(cuts, cuts[1:], strict=False)):
+        return  # overlapping regions cannot happen in a valid parse; be safe
+    renumber = {old: new for new, old in enumerate(order)}
+    template = _renumbered(template, renumber)
+    if len(_layouts) >= _CACHED:
+        _layouts.clear()
+    _layouts[(message_type, len(data))] = _Layout(cuts, _skeleton(data, cuts), template)
+
+
+def _renumbered(template: tuple, renumber: dict[int, int]) -> tuple:
+    fields, tensors, nested, raw = template
+    return (
+        fields,
+        [(n, k, renumber.get(i, -1), spec) for n, k, i, spec in tensors],
+        [(n, [_renumbered(t, renumber) for t in ts]) for n, ts in nested],
+        [(n, renumber.get(i, -1)) for n, i in raw],
+    )
+
+
+def _rebuild(template: tuple, data: bytes, cuts: tuple[int, ...]) -> WireMessage:
+    fields, tensors, nested, raw = template
+    message = WireMessage(fields)
+    for name, key, index, spec in tensors:
+        if index < 0:
+            array = spec  # an empty tensor, shared (read-only)
+        else:
+            dtype, count, shape = spec
+            array = np.frombuffer(data, dtype, count, cuts[2 * index])
+            if len(shape) != 1:
+                array = array.reshape(shape)
+            if dtype.kind == "b" and array.view(np.uint8).max() > 1:
+                raise TensorFormatError(f"{name}: bool tensor data holds bytes other than 0 and 1")
+        if key is None:
+            message.tensors[name] = array
+        else:
+            message.tensors.setdefault(name, {})[key] = array
+    for name, templates in nested:
+        message.nested[name] = [_rebuild(t, data, cuts) for t in templates]
+    view = memoryview(data)
+    for name, index in raw:
+        message.raw[name] = view[cuts[2 * index] : cuts[2 * index + 1]] if index >= 0 else view[:0]
+    return message
 
 
 # ---------------------------------------------------------------------------------------------

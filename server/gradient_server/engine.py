@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping, Sequence
@@ -87,6 +88,32 @@ class GradientResult:
 
 
 @dataclass(frozen=True)
+class _Prepared:
+    """A call ready to run for one request signature (graph, names, feeds' dtypes and
+    shapes): its plan and the names its results are read from."""
+
+    plan: Plan
+    fetch: tuple[str, ...]
+    gradients: tuple[tuple[str, str], ...] = ()  # (node, the node holding its gradient)
+    seed: str = ""
+    seed_type: TensorType | None = None
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def _call_signature(feeds: Mapping[str, np.ndarray]) -> tuple:
+    """What a prepared call depends on in the feeds: names (in order), dtypes and shapes."""
+    return tuple((name, value.dtype, value.shape) for name, value in feeds.items())
+
+
+def _weight(graph: Graph) -> Callable[[object], int]:
+    return lambda _: graph.constant_bytes
+
+
+def _unweighed(_: object) -> int:  # a prepared call shares its plan with a weighed entry
+    return 0
+
+
+@dataclass(frozen=True)
 class _GradientPlan:
     plan: Plan
     combined: GradientGraph
@@ -127,7 +154,7 @@ class Engine:
     types is cached, so a repeated graph with new input values skips straight to numpy."""
 
     def __init__(
-        self, limits: Limits | None = None, cache_size: int = 256, cache_bytes: int = 1 << 30
+        self, limits: Limits | None = None, cache_size: int = 512, cache_bytes: int = 1 << 30
     ):
         self.limits = limits or Limits()
         # Cached graphs and plans hold the graphs' constants: the byte budget bounds those.
@@ -228,18 +255,29 @@ class Engine:
         check_deadline: Callable[[], None] = no_deadline,
     ) -> dict[str, np.ndarray]:
         """The values of the `fetch` nodes (every node when empty)."""
-        fetch_names = _names(graph, fetch, "fetch")
-        feed_types = self._feed_types(graph, feeds)
-        key = ("forward", graph.digest, self._signature(feed_types), tuple(fetch_names))
+        key = ("call:forward", graph.digest, tuple(fetch), _call_signature(feeds))
+        prepared = self._plans.get(key)
+        if prepared is None:
+            fetch_names = _names(graph, fetch, "fetch")
+            feed_types = self._feed_types(graph, feeds)
+            compiled_key = (
+                "forward",
+                graph.digest,
+                self._signature(feed_types),
+                tuple(fetch_names),
+            )
 
-        def compile_plan() -> Plan:
-            needed = graph.ancestors(fetch_names)
-            types = infer_types(graph, feed_types, needed, check_deadline)
-            return self._check_plan(Plan(graph, types, set(fetch_names)), types)
+            def compile_plan() -> Plan:
+                needed = graph.ancestors(fetch_names)
+                types = infer_types(graph, feed_types, needed, check_deadline)
+                return self._check_plan(Plan(graph, types, set(fetch_names)), types)
 
-        plan = self._plans.get_or_make(key, compile_plan, lambda _: graph.constant_bytes)
-        assert isinstance(plan, Plan)
-        return plan.run(feeds, check_deadline)
+            plan = self._plans.get_or_make(compiled_key, compile_plan, _weight(graph))
+            prepared = _Prepared(plan, tuple(fetch_names))
+            self._plans.get_or_make(key, lambda: prepared, _unweighed)
+        assert isinstance(prepared, _Prepared)
+        values = prepared.plan.run(feeds, check_deadline)
+        return {name: values[name] for name in prepared.fetch}
 
     # -- Gradient -------------------------------------------------------------------------
 
@@ -277,7 +315,7 @@ class Engine:
             self._check_plan(plan, combined.types)
             return _GradientPlan(plan, combined, out_type)
 
-        compiled = self._plans.get_or_make(key, compile_plan, lambda _: graph.constant_bytes)
+        compiled = self._plans.get_or_make(key, compile_plan, _weight(graph))
         assert isinstance(compiled, _GradientPlan)
         return compiled
 
@@ -292,19 +330,33 @@ class Engine:
         check_deadline: Callable[[], None] = no_deadline,
     ) -> GradientResult:
         """Values of `fetch` and gradients of `output` with respect to `wrt` (all when empty)."""
-        wrt_names = _names(graph, wrt, "wrt")
-        fetch_names = _names(graph, fetch, "fetch")
-        feed_types = self._feed_types(graph, feeds)
-        compiled = self._compile_gradient(
-            graph, feed_types, output, wrt_names, fetch_names, check_deadline
-        )
-        combined = compiled.combined
-        seed_value = self._seed_value(graph, output, compiled.output_type, seed)
-        values = compiled.plan.run({**feeds, combined.seed: seed_value}, check_deadline)
+        key = ("call:gradient", graph.digest, output, tuple(wrt), tuple(fetch))
+        key += (_call_signature(feeds),)
+        prepared = self._plans.get(key)
+        if prepared is None:
+            wrt_names = _names(graph, wrt, "wrt")
+            fetch_names = _names(graph, fetch, "fetch")
+            feed_types = self._feed_types(graph, feeds)
+            compiled = self._compile_gradient(
+                graph, feed_types, output, wrt_names, fetch_names, check_deadline
+            )
+            combined = compiled.combined
+            prepared = _Prepared(
+                compiled.plan,
+                tuple(fetch_names),
+                tuple(combined.gradients.items()),
+                combined.seed,
+                compiled.output_type,
+                dict(combined.skipped),
+            )
+            self._plans.get_or_make(key, lambda: prepared, _unweighed)
+        assert isinstance(prepared, _Prepared) and prepared.seed_type is not None
+        seed_value = self._seed_value(graph, output, prepared.seed_type, seed)
+        values = prepared.plan.run({**feeds, prepared.seed: seed_value}, check_deadline)
         return GradientResult(
-            values={name: values[name] for name in fetch_names},
-            gradients={name: values[grad] for name, grad in combined.gradients.items()},
-            skipped=dict(combined.skipped),
+            values={name: values[name] for name in prepared.fetch},
+            gradients={name: values[grad] for name, grad in prepared.gradients},
+            skipped=prepared.skipped,
         )
 
     def gradient_graph(
@@ -372,7 +424,7 @@ class Engine:
                 plan, combined.seed, dotted.vectors, second.seed, second_seed_type, second.gradients
             )
 
-        compiled = self._plans.get_or_make(key, compile_plan, lambda _: graph.constant_bytes)
+        compiled = self._plans.get_or_make(key, compile_plan, _weight(graph))
         assert isinstance(compiled, _HvpPlan)
         out_type = first.output_type
         run_feeds = {
@@ -389,19 +441,27 @@ class Engine:
     def _seed_value(
         graph: Graph, output: str, out_type: TensorType, seed: np.ndarray | None
     ) -> np.ndarray:
-        node = graph[output]
         if seed is None:
             if out_type.size != 1:
                 raise GraphError(
-                    f"output {node.describe()} has shape {list(out_type.shape)}: a non-scalar "
-                    "output needs a seed of its shape (the vector of a vector-Jacobian product)"
+                    f"output {graph[output].describe()} has shape {list(out_type.shape)}: a "
+                    "non-scalar output needs a seed of its shape (the vector of a "
+                    "vector-Jacobian product)"
                 )
-            return np.ones(out_type.shape, out_type.dtype)
+            return _ones(out_type)
         if seed.shape != out_type.shape:
             raise GraphError(
-                f"seed has shape {list(seed.shape)} but output {node.describe()} has shape "
-                f"{list(out_type.shape)}"
+                f"seed has shape {list(seed.shape)} but output {graph[output].describe()} has "
+                f"shape {list(out_type.shape)}"
             )
         if seed.dtype.kind != "f":
             raise GraphError(f"seed must be a float tensor, got {seed.dtype.name}")
         return seed.astype(out_type.dtype, copy=False)
+
+
+@functools.lru_cache(maxsize=256)
+def _ones(tensor_type: TensorType) -> np.ndarray:
+    """A read-only array of ones (the default seed): made once per type, shared by calls."""
+    ones = np.ones(tensor_type.shape, tensor_type.dtype)
+    ones.flags.writeable = False
+    return ones

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -10,6 +12,10 @@ import numpy as np
 from .ir import Graph, Node, node_error
 from .ops import Call, InvalidValue
 from .tensor_type import TensorType
+
+CHECK_RESULT_TYPES = os.environ.get("GRADIENT_CHECK_RESULT_TYPES") == "1"
+"""Check every op's result against the type its rule promised (a debug mode: the test suite
+turns it on; a mismatch is a bug in the op table and fails the call with INTERNAL)."""
 
 
 @dataclass(frozen=True)
@@ -20,7 +26,11 @@ class _Step:
 
 
 class Plan:
-    """The steps that compute `fetch` from the feeds, built once per graph and request shape."""
+    """The steps that compute `fetch` from the feeds, built once per graph and request shape.
+
+    Each step is ready to call: its forward function bound to its node's attributes and
+    types, its operands named, the values to free after it listed.
+    """
 
     def __init__(self, graph: Graph, types: Mapping[str, TensorType], fetch: set[str]):
         needed = graph.ancestors(fetch)
@@ -42,6 +52,18 @@ class Plan:
             )
             for index, node in enumerate(nodes)
         ]
+        self._program = tuple(
+            (
+                step.node.name,
+                None
+                if step.node.op == "input"
+                else functools.partial(step.node.opdef.forward, step.call),
+                step.node.inputs,
+                step.release,
+                step,
+            )
+            for step in self.steps
+        )
         # Every value as if none were freed, plus the largest scratch space of any one op.
         self.estimated_bytes = sum(
             types[node.name].size * types[node.name].dtype.itemsize for node in nodes
@@ -60,21 +82,20 @@ class Plan:
         """Compute every fetched value. check_deadline is called between ops and may raise."""
         values: dict[str, np.ndarray] = {}
         with np.errstate(all="ignore"):
-            for step in self.steps:
+            for name, forward, sources, release, step in self._program:
                 check_deadline()
-                node = step.node
-                if node.op == "input":
-                    value = feeds[node.name]
-                else:
-                    args = [values[s] for s in node.inputs]
-                    try:
-                        value = np.asarray(node.opdef.forward(step.call, *args))
-                    except InvalidValue as e:
-                        raise node_error(node, str(e)) from None
-                    _check_type(node, value, step.call.type)
-                values[node.name] = value
-                for name in step.release:
-                    del values[name]
+                if forward is None:
+                    values[name] = feeds[name]
+                    continue
+                try:
+                    value = np.asarray(forward(*[values[s] for s in sources]))
+                except InvalidValue as e:
+                    raise node_error(step.node, str(e)) from None
+                if CHECK_RESULT_TYPES:
+                    _check_type(step.node, value, step.call.type)
+                values[name] = value
+                for used in release:
+                    del values[used]
         return {name: values[name] for name in self.fetch}
 
 
