@@ -131,6 +131,29 @@ def timed(call: Callable[[], object], repeats: int, warmup: int) -> Timing:
     return Timing.of(samples)
 
 
+def interleaved(calls: dict[str, Callable[[], object]], repeats: int, warmup: int) -> dict:
+    """Wall seconds of each call, the calls taking turns (so drifts of the machine's speed
+    affect them alike): name -> Timing."""
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            samples[name].append(time.perf_counter() - start)
+    return {name: Timing.of(times) for name, times in samples.items()}
+
+
+def cpu_per_call(pid: int, call: Callable[[], object], count: int) -> float:
+    """CPU seconds a server process spends per call, over `count` sequential calls."""
+    before = process_cpu_seconds(pid)
+    for _ in range(count):
+        call()
+    return (process_cpu_seconds(pid) - before) / count
+
+
 def calls_per_second(call: Callable[[], object], threads: int, seconds: float) -> float:
     """Calls completed per second by `threads` threads calling `call` in a loop."""
     for _ in range(20):
@@ -213,29 +236,49 @@ def bench_tiny(args, echo_port: int, echo_pid: int, port: int, pid: int) -> list
             return client.gradient(graph, "f", inputs)
 
         assert tiny_call().gradients["x"] == -4.0
-        cpu = process_cpu_seconds(echo_pid)
-        echo_time = timed(lambda: echo(message), repeats, warmup)
-        echo_cpu = (process_cpu_seconds(echo_pid) - cpu) / (repeats + warmup)
-        raw_time = timed(lambda: raw(payload), repeats, warmup)
-        cpu = process_cpu_seconds(pid)
-        service_time = timed(tiny_call, repeats, warmup)
-        service_cpu = (process_cpu_seconds(pid) - cpu) / (repeats + warmup)
+        with client.session(graph, "f") as session:
+
+            def session_step():
+                return session.gradient(inputs)
+
+            assert session_step().gradients["x"] == -4.0
+            times = interleaved(
+                {
+                    "echo": lambda: echo(message),
+                    "raw": lambda: raw(payload),
+                    "unary": tiny_call,
+                    "session": session_step,
+                },
+                repeats,
+                warmup,
+            )
+        echo_cpu = service_cpu = 0.0
+        for _ in range(2):  # alternate windows, as above
+            echo_cpu += cpu_per_call(echo_pid, lambda: echo(message), repeats // 2)
+            service_cpu += cpu_per_call(pid, tiny_call, repeats // 2)
+    echo_time = times["echo"]
     return [
         Row(
             "tiny Gradient, f = (x+y)·z, p50",
-            ms(service_time),
+            ms(times["unary"]),
             f"echo {ms(echo_time)}",
-            service_time.median / echo_time.median,
-            "≤ 1.3×",
+            times["unary"].median / echo_time.median,
+            "≤ 1.3× (moonshot 1.1×)",
+        ),
+        Row(
+            "  the same, one step of a Session",
+            ms(times["session"]),
+            f"echo {ms(echo_time)}",
+            times["session"].median / echo_time.median,
         ),
         Row(
             "  server CPU per tiny call",
-            f"{service_cpu * 1e3:.3f} ms",
-            f"echo {echo_cpu * 1e3:.3f} ms",
+            f"{service_cpu * 1e3 / 2:.3f} ms",
+            f"echo {echo_cpu * 1e3 / 2:.3f} ms",
             service_cpu / echo_cpu,
             "≤ 1.5×",
         ),
-        Row("  raw-bytes echo p50 (no protobuf)", "", ms(raw_time), None),
+        Row("  raw-bytes echo p50 (no protobuf)", "", ms(times["raw"]), None),
     ]
 
 
@@ -336,12 +379,21 @@ def bench_calls_per_second(args, echo_port: int, port: int) -> list[Row]:
         message = wrappers_pb2.BytesValue(value=b"\x01" * 200)
         echo_rate = calls_per_second(lambda: echo(message), threads, seconds)
         unary_rate = calls_per_second(lambda: client.gradient(graph, "f", inputs), threads, seconds)
+        with client.session(graph, "f") as session:
+            session_rate = calls_per_second(lambda: session.gradient(inputs), threads, seconds)
     return [
         Row(
             f"tiny Gradient calls/s, {threads} threads, unary",
             f"{unary_rate:.0f}/s",
             f"echo {echo_rate:.0f}/s",
             unary_rate / echo_rate,
+        ),
+        Row(
+            f"tiny Gradient steps/s, {threads} threads, one Session",
+            f"{session_rate:.0f}/s",
+            f"unary {unary_rate:.0f}/s",
+            session_rate / unary_rate,
+            "≥ 3× (moonshot 5×)",
         ),
     ]
 
@@ -352,7 +404,7 @@ def bench_workers(args) -> list[Row]:
     for workers in (1, 2):
         port = free_port()
         with running(gradient_server(port, "--workers", str(workers)), port):
-            with GradientClient(f"127.0.0.1:{port}") as client:
+            with GradientClient(f"127.0.0.1:{port}", connections=2) as client:
                 rates[workers] = calls_per_second(
                     lambda client=client: client.gradient(graph, "f", inputs),
                     args.threads,
@@ -360,7 +412,7 @@ def bench_workers(args) -> list[Row]:
                 )
     return [
         Row(
-            f"tiny Gradient calls/s, {args.threads} threads, --workers 2",
+            f"tiny Gradient calls/s, {args.threads} threads, connections=2, --workers 2",
             f"{rates[2]:.0f}/s",
             f"--workers 1: {rates[1]:.0f}/s",
             rates[2] / rates[1],
@@ -385,13 +437,14 @@ def bench_mlp_step(args, port: int) -> list[Row]:
         steps["service, unary"] = lambda: (
             client.gradient(graph, "loss", params, wrt=wrt, fetch=["loss"]).gradients
         )
-        timings = {}
-        for name, step in steps.items():
-            got = step()
-            for key in wrt:
-                np.testing.assert_allclose(got[key], expected[key], rtol=1e-10, atol=1e-12)
-            timings[name] = timed(step, repeats, 5)
-    timings["hand-written numpy"] = timed(lambda: numpy_step(dict(params)), repeats, 5)
+        with client.session(graph, "loss", wrt=wrt, fetch=["loss"]) as session:
+            steps["service, Session"] = lambda: session.gradient(params).gradients
+            for step in steps.values():
+                got = step()
+                for key in wrt:
+                    np.testing.assert_allclose(got[key], expected[key], rtol=1e-10, atol=1e-12)
+            steps["hand-written numpy"] = lambda: numpy_step(dict(params))
+            timings = interleaved(steps, repeats, 5)
     try:
         import torch
     except ImportError:

@@ -1,7 +1,7 @@
 """Train a small convolutional network through the gradient service.
 
 conv2d -> relu -> max_pool2d -> linear -> cross-entropy, on tiny synthetic 8x8 images of
-horizontal and vertical bars, by SGD with one Gradient call per step.
+horizontal and vertical bars, by SGD with one step of a Session per SGD step.
 
     python examples/train_cnn.py --target localhost:50051
 """
@@ -63,15 +63,12 @@ def train(
     }
     graph = cnn(channels, size)
     history = []
-    with GradientClient(target, timeout=60) as client:
+    with (
+        GradientClient(target, timeout=60) as client,
+        client.session(graph, "loss", wrt=list(params), fetch=["loss", "prediction"]) as session,
+    ):
         for step in range(steps + 1):
-            result = client.gradient(
-                graph,
-                output="loss",
-                inputs={"X": images, "y": labels, **params},
-                wrt=list(params),
-                fetch=["loss", "prediction"],
-            )
+            result = session.gradient({"X": images, "y": labels, **params})
             if step % report_every == 0 or step == steps:
                 loss = float(result.values["loss"])
                 accuracy = float(np.mean(result.values["prediction"] == labels))

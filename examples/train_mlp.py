@@ -1,8 +1,9 @@
 """Train a multilayer perceptron through the gradient service.
 
 A two-layer MLP with softmax cross-entropy learns a synthetic 3-class problem (three
-interleaved spirals), by plain SGD: every step is one Gradient call for the loss's gradient
-with respect to the weights, and the update happens here in numpy.
+interleaved spirals), by plain SGD. The steps run in one Session: the graph crosses the wire
+once, then every step sends the data and weights and gets the loss's gradient with respect to
+the weights back; the update happens here in numpy.
 
     python examples/train_mlp.py --target localhost:50051
 """
@@ -60,15 +61,12 @@ def train(
     }
     graph, _ = mlp(hidden, classes)
     history = []
-    with GradientClient(target, timeout=30) as client:
+    with (
+        GradientClient(target, timeout=30) as client,
+        client.session(graph, "loss", wrt=list(params), fetch=["loss", "prediction"]) as session,
+    ):
         for step in range(steps + 1):
-            result = client.gradient(
-                graph,
-                output="loss",
-                inputs={"X": x, "y": y, **params},
-                wrt=list(params),
-                fetch=["loss", "prediction"],
-            )
+            result = session.gradient({"X": x, "y": y, **params})
             if step % report_every == 0 or step == steps:
                 loss = float(result.values["loss"])
                 accuracy = float(np.mean(result.values["prediction"] == y))

@@ -628,7 +628,8 @@ class GradientClient:
 
         The graph, output, wrt and fetch cross the wire once; each step sends only its
         inputs. Steps from several threads share the stream (their messages are batched).
-        `timeout` bounds the whole session.
+        `timeout` (seconds) bounds the whole session; by default it has no deadline (the
+        client's `timeout` is for single calls).
         """
         from .session import Session
 
@@ -636,7 +637,7 @@ class GradientClient:
             self._connection().session,
             wire_graph(graph),
             _session_start(output, wrt, fetch, stop_on_error, self.max_message_bytes),
-            timeout if timeout is not None else self.timeout,
+            timeout,
             self.max_message_bytes,
         )
 
@@ -832,6 +833,6 @@ class AsyncGradientClient:
             next(self._next).session,
             wire_graph(graph),
             _session_start(output, wrt, fetch, stop_on_error, self.max_message_bytes),
-            timeout if timeout is not None else self.timeout,
+            timeout,
             self.max_message_bytes,
         )

@@ -295,7 +295,15 @@ def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
             raise WireFormatError("a varint runs over 10 bytes")
 
 
-def _skip(data: bytes, pos: int, wire_type: int, end: int) -> int:
+def _read_length(data: bytes, pos: int) -> tuple[int, int]:
+    """A length prefix: a varint of at most 5 bytes below 2**31, as protobuf requires."""
+    length, after = _read_varint(data, pos)
+    if after - pos > 5 or length >= 1 << 31:
+        raise WireFormatError("a length prefix is longer than protobuf allows")
+    return length, after
+
+
+def _skip(data: bytes, pos: int, wire_type: int, end: int, number: int = 0) -> int:
     """The position after a field's value (wire types other than LEN)."""
     if wire_type == _VARINT:
         return _read_varint(data, pos)[1]
@@ -304,18 +312,19 @@ def _skip(data: bytes, pos: int, wire_type: int, end: int) -> int:
     if wire_type == _I32:
         return pos + 4
     if wire_type == _START_GROUP:  # a deprecated group in an unknown field: skip to its end
-        depth = 1
-        while depth:
+        open_groups = [number]
+        while open_groups:
             key, pos = _read_varint(data, pos)
-            inner = key & 7
+            inner, inner_number = key & 7, key >> 3
             if inner == _START_GROUP:
-                depth += 1
-                if depth > _MAX_GROUP_DEPTH:
+                open_groups.append(inner_number)
+                if len(open_groups) > _MAX_GROUP_DEPTH:
                     raise WireFormatError("groups are nested too deeply")
             elif inner == _END_GROUP:
-                depth -= 1
+                if open_groups.pop() != inner_number:
+                    raise WireFormatError("a group ends with another field number")
             elif inner == _LEN:
-                length, pos = _read_varint(data, pos)
+                length, pos = _read_length(data, pos)
                 pos += length
             else:
                 pos = _skip(data, pos, inner, end)
@@ -339,10 +348,10 @@ def _scan(data: bytes, spans: list[tuple[int, int]]):
             if number == 0:
                 raise WireFormatError("field number 0 is not valid")
             if wire_type == _LEN:
-                length, pos = _read_varint(data, pos)
+                length, pos = _read_length(data, pos)
                 value_start, pos = pos, pos + length
             else:
-                value_start, pos = pos, _skip(data, pos, wire_type, end)
+                value_start, pos = pos, _skip(data, pos, wire_type, end, number)
             if pos > end:
                 raise WireFormatError("the message is truncated")
             yield number, wire_type, field_start, value_start, pos
@@ -373,7 +382,7 @@ def _canonical_tensor(data: bytes, pos: int, end: int) -> tuple | None:
         if nbytes < 0x80:
             offset = pos + 2
         else:
-            nbytes, offset = _read_varint(data, pos + 1)
+            nbytes, offset = _read_length(data, pos + 1)
         pos = offset + nbytes
     return (dtype, shape, offset, nbytes) if pos == end else None
 
@@ -386,11 +395,13 @@ def _tensor_fields(data: bytes, spans: list[tuple[int, int]], where: str) -> tup
     offset = nbytes = 0
     for number, wire_type, _, value_start, end in _scan(data, spans):
         if number == 1 and wire_type == _VARINT:
-            dtype = _read_varint(data, value_start)[0]
+            dtype = _read_varint(data, value_start)[0] & 0xFFFFFFFF  # an enum is 32 bits
         elif number == 2 and wire_type == _LEN:
             pos = value_start
             while pos < end:
                 dimension, pos = _read_varint(data, pos)
+                if pos > end:
+                    raise WireFormatError(f"{where}: a packed dimension runs past its field")
                 shape.append(dimension)
         elif number == 2 and wire_type == _VARINT:
             shape.append(_read_varint(data, value_start)[0])
@@ -400,7 +411,10 @@ def _tensor_fields(data: bytes, spans: list[tuple[int, int]], where: str) -> tup
             raise WireFormatError(f"{where}: tensor field {number} has wire type {wire_type}")
         elif number in (4, 5, 6):
             return None
-    signed = tuple(d - (1 << 64) if d >= 1 << 63 else d for d in shape)  # int64 on the wire
+    if dtype >= 1 << 31:
+        dtype -= 1 << 32
+    shape = [d & 0xFFFFFFFFFFFFFFFF for d in shape]  # int64 on the wire, two's complement
+    signed = tuple(d - (1 << 64) if d >= 1 << 63 else d for d in shape)
     return dtype, signed, offset, nbytes
 
 
@@ -412,8 +426,13 @@ def _decode_tensor(
         fields = _tensor_fields(data, spans, where)
     try:
         if fields is None:  # the list forms: rare and small, left to protobuf
-            tensor = tensor_pb2.Tensor.FromString(b"".join(data[s:e] for s, e in spans))
-            return from_proto(tensor)
+            try:
+                tensor = tensor_pb2.Tensor.FromString(b"".join(data[s:e] for s, e in spans))
+            except DecodeError as e:
+                raise WireFormatError(f"{where}: {e}") from None
+            array = from_proto(tensor)
+            array.flags.writeable = False
+            return array
         return array_from_data(*fields, buffer=data)
     except TensorFormatError as e:
         # an entry of map `inputs` is named "input 'x'"
@@ -430,7 +449,7 @@ def _map_entry(data: bytes, pos: int, end: int) -> tuple[bytes, list[tuple[int, 
             if length < 0x80:
                 value_start = key_end + 2
             else:
-                length, value_start = _read_varint(data, key_end + 1)
+                length, value_start = _read_length(data, key_end + 1)
             if value_start + length == end:
                 return data[pos + 2 : key_end], [(value_start, end)]
     key = b""
@@ -446,9 +465,13 @@ def _map_entry(data: bytes, pos: int, end: int) -> tuple[bytes, list[tuple[int, 
 def _decode_map_entries(
     data: bytes, entries: list[tuple[int, int]], where: str
 ) -> dict[str, np.ndarray]:
-    tensors = {}
-    for start, end in entries:
+    latest: dict[bytes, list[tuple[int, int]]] = {}
+    for start, end in entries:  # a later entry for a key replaces the earlier one
         key, value = _map_entry(data, start, end) if start < end else (b"", [])
+        latest.pop(key, None)
+        latest[key] = value
+    tensors = {}
+    for key, value in latest.items():
         try:
             name = key.decode()
         except UnicodeDecodeError:
@@ -521,7 +544,10 @@ def decode(data: bytes, message_type: Any) -> WireMessage:
     """
     layout = _layouts.get((message_type, len(data)))
     if layout is not None and _skeleton(data, layout.cuts) == layout.skeleton:
-        return _rebuild(layout.template, data, layout.cuts)
+        try:
+            return _rebuild(layout.template, data, layout.cuts)
+        except _BadPayload:
+            pass  # decoded afresh below, to report the error as a first decode does
     try:
         message = _decode(data, message_type, [(0, len(data))])
     except IndexError:
@@ -534,6 +560,10 @@ def decode(data: bytes, message_type: Any) -> WireMessage:
 # Layouts: a message with the same bytes as an earlier one, but for its tensors' payloads,
 # has the same fields and the same tensors at the same places. Calls in a loop send such
 # messages; they are decoded by checking those bytes and viewing the payloads.
+
+
+class _BadPayload(Exception):
+    """A payload a layout cannot take as it is (bool bytes other than 0 and 1)."""
 
 
 @dataclass(frozen=True)
@@ -637,7 +667,7 @@ def _rebuild(template: tuple, data: bytes, cuts: tuple[int, ...]) -> WireMessage
             if len(shape) != 1:
                 array = array.reshape(shape)
             if dtype.kind == "b" and array.view(np.uint8).max() > 1:
-                raise TensorFormatError(f"{name}: bool tensor data holds bytes other than 0 and 1")
+                raise _BadPayload
         if key is None:
             message.tensors[name] = array
         else:

@@ -12,6 +12,7 @@ import warnings
 
 from gradient_client.client import DEFAULT_MAX_MESSAGE_MB, check_message_mb
 
+from .calllog import CallLog
 from .engine import Limits
 from .service import create_server
 
@@ -61,10 +62,34 @@ def _parser() -> argparse.ArgumentParser:
         help="largest estimated memory of one request's values",
     )
     parser.add_argument(
+        "--max-sessions",
+        type=int,
+        default=16,
+        help="Session streams open at once per process; each holds a thread (default 16)",
+    )
+    parser.add_argument(
         "--grace", type=float, default=10.0, help="seconds in-flight calls get at shutdown"
     )
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument(
+        "--log-calls",
+        type=_fraction,
+        default=0.0,
+        metavar="FRACTION",
+        help="fraction of successful calls logged, one line each (default 0; failed calls "
+        "are always logged)",
+    )
     return parser
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction from 0 to 1, got {text!r}")
+    return value
 
 
 def serve(args: argparse.Namespace) -> None:
@@ -81,7 +106,9 @@ def serve(args: argparse.Namespace) -> None:
             limits=limits,
             threads=args.threads,
             max_message_mb=args.max_message_mb,
+            max_sessions=args.max_sessions,
             reuse_port=args.workers > 1,
+            call_log=CallLog(args.log_calls),
         )
     except OSError as e:
         log.error("%s", e)
