@@ -62,7 +62,8 @@ class _Steps:
         tensors: dict[str, Any] = {"inputs": inline}
         if seed is not None:
             seed_array = encode_array("seed", seed)
-            if seed_array.nbytes > self.budget:
+            room = self.budget - wire.payload_bytes(inline)
+            if wire.payload_bytes({"seed": seed_array}) > room:
                 chunks += wire.chunks_of(service_pb2.CHUNK_TARGET_SEED, "", seed_array, self.budget)
             else:
                 tensors["seed"] = seed_array
@@ -81,7 +82,7 @@ class _Steps:
                     batch["start"].append(piece)
                     continue
                 *chunks, step = piece
-                size = wire.payload_bytes(step.tensors.get("inputs", {}))
+                size = _step_bytes(step)
                 if batch["steps"] and (chunks or used + size > self.budget):
                     yield _request(batch)
                     batch, used = {"start": [], "steps": []}, 0
@@ -128,6 +129,12 @@ class _Steps:
     def fail_pending(self, error: GradientError) -> None:
         while self.pending:
             _fail(self.pending.popleft()[0], error)
+
+
+def _step_bytes(step: WireMessage) -> int:
+    seed = step.tensors.get("seed")
+    extra = {} if seed is None else {"seed": seed}
+    return wire.payload_bytes({**step.tensors.get("inputs", {}), **extra})
 
 
 def _request(batch: Mapping[str, list[WireMessage]]) -> bytes:
@@ -222,9 +229,9 @@ class Session:
                     group.append(self._outbox.get_nowait())
                 except queue.Empty:
                     break
-            closing = group[-1] is _CLOSE
+            closing = _CLOSE in group
             if closing:
-                group.pop()
+                group = group[: group.index(_CLOSE)]
             if group:
                 yield group
             if closing:
@@ -310,8 +317,9 @@ class Session:
     def cancel(self) -> None:
         """End the stream at once; steps in flight fail with CANCELLED."""
         with self._send_lock:
-            self._closed = True
-            self._outbox.put(_CLOSE)
+            if not self._closed:
+                self._closed = True
+                self._outbox.put(_CLOSE)
         self._responses.cancel()
         self._end(GradientError(grpc.StatusCode.CANCELLED, "the session was cancelled"))
 

@@ -699,13 +699,22 @@ def chunk_budget(max_message_bytes: int) -> int:
     return max(max_message_bytes - MESSAGE_OVERHEAD, max_message_bytes // 2)
 
 
-def payload_bytes(tensors: Mapping[str, Any]) -> int:
-    """About how many bytes these tensors take in a message (payloads and names)."""
-    return sum(np.asarray(t).nbytes + len(name) + 32 for name, t in tensors.items())
+_LIST_ITEM_BYTES = {"f": 8, "i": 10, "b": 1}  # the most a list-form element takes
+
+
+def payload_bytes(tensors: Mapping[str, Any], *, as_lists: bool = False) -> int:
+    """About how many bytes these tensors take in a message (payloads and names); in the
+    list form when as_lists (a float32 element is written as a double there)."""
+    total = 0
+    for name, value in tensors.items():
+        array = np.asarray(value)
+        size = array.size * _LIST_ITEM_BYTES[array.dtype.kind] if as_lists else array.nbytes
+        total += size + len(name) + 32
+    return total
 
 
 def split_oversized(
-    tensors: Mapping[str, Any], budget: int
+    tensors: Mapping[str, Any], budget: int, *, as_lists: bool = False
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(inline, chunked): the tensors that fit in one message of `budget` payload bytes, in
     order, and the rest, which travel as chunks."""
@@ -713,7 +722,7 @@ def split_oversized(
     chunked: dict[str, Any] = {}
     used = 0
     for name, value in tensors.items():
-        size = payload_bytes({name: value})
+        size = payload_bytes({name: value}, as_lists=as_lists)
         if used + size <= budget:
             inline[name] = value
             used += size

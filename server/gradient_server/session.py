@@ -64,15 +64,20 @@ def run_session(
             METHOD, start, context, grpc.StatusCode.RESOURCE_EXHAUSTED, details
         )
         context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, details)
+    guard = CallGuard(context)
     try:
-        yield from _Session(servicer, CallGuard(context)).serve(requests)
+        yield from _Session(servicer, guard).serve(requests)
     except _EndStream as end:
         code, details = end.code, end.details
+    except grpc.RpcError:  # the request stream broke: the client cancelled or went away
+        code, details = status_of(Cancelled(), METHOD)
     except Exception as error:  # noqa: BLE001 - every failure gets a status
         code, details = status_of(error, METHOD)
     else:
-        servicer.call_log.ok(METHOD, start, context)
-        return
+        if not guard.ended:
+            servicer.call_log.ok(METHOD, start, context)
+            return
+        code, details = status_of(Cancelled(), METHOD)
     finally:
         servicer.sessions.release()
     servicer.call_log.failed(METHOD, start, context, code, details)
@@ -107,7 +112,13 @@ class _Session:
                     "the first message of a session must carry `start` (the graph, output, "
                     "wrt and fetch)",
                 )
-            results = [self._step(step) for step in steps]
+            results = []
+            try:
+                for step in steps:
+                    results.append(self._step(step))
+            except _EndStream:  # stop_on_error: the steps before the failure are answered
+                yield from self._responses(results)
+                raise
             yield from self._responses(results)
 
     # -- the start -------------------------------------------------------------------------
@@ -211,11 +222,11 @@ class _Session:
         batch: list[WireMessage] = []
         used = 0
         for result in results:
-            size = sum(wire.payload_bytes(t) for t in result.tensors.values())
+            size = self._size(result)
             chunks = []
             if size > spec.budget:
-                chunks = self._chunk(result, spec.budget)
-                size = sum(wire.payload_bytes(t) for t in result.tensors.values())
+                chunks = self._chunk(result, spec.budget, spec.as_lists)
+                size = self._size(result)
             if batch and (chunks or used + size > spec.budget):
                 yield self._encode(batch)
                 batch, used = [], 0
@@ -225,8 +236,13 @@ class _Session:
             used += size
         yield self._encode(batch)
 
+    def _size(self, result: WireMessage) -> int:
+        assert self.spec is not None
+        as_lists = self.spec.as_lists
+        return sum(wire.payload_bytes(t, as_lists=as_lists) for t in result.tensors.values())
+
     @staticmethod
-    def _chunk(result: WireMessage, budget: int) -> list[WireMessage]:
+    def _chunk(result: WireMessage, budget: int, as_lists: bool) -> list[WireMessage]:
         """Move the tensors of `result` that do not fit in one message into chunks."""
         targets = {
             "values": service_pb2.CHUNK_TARGET_VALUE,
@@ -235,8 +251,8 @@ class _Session:
         chunks: list[WireMessage] = []
         remaining = budget
         for field, tensors in result.tensors.items():
-            inline, chunked = wire.split_oversized(tensors, remaining)
-            remaining -= wire.payload_bytes(inline)
+            inline, chunked = wire.split_oversized(tensors, remaining, as_lists=as_lists)
+            remaining -= wire.payload_bytes(inline, as_lists=as_lists)
             result.tensors[field] = inline
             for name, array in chunked.items():
                 chunks += wire.chunks_of(targets[field], name, array, budget)
