@@ -954,7 +954,9 @@ def test_leaving_a_session_block_by_an_exception_cancels_it():
 def test_a_cancelled_session_is_not_reported_as_a_server_bug():
     """The call log has one line per call with its status (README), and keeps INTERNAL (logged
     at ERROR with a trace) for the server's own bugs: a session the client cancels while the
-    server waits for its next message is logged as CANCELLED, as a cancelled unary call is."""
+    server waits for its next message is not one. (gRPC hands the server the end of the
+    request stream and the cancellation as two events, in either order: the line says
+    CANCELLED, or OK when the stream's end came first.)"""
     opened = threading.Event()
     release = threading.Event()
 
@@ -981,7 +983,7 @@ def test_a_cancelled_session_is_not_reported_as_a_server_bug():
         with GradientClient(address, timeout=10) as client:
             assert_lecture(client.forward(lecture_graph(), LECTURE_INPUTS).values)
     codes = [code for _, code, _ in call_log.of("Session")]
-    assert codes == [grpc.StatusCode.CANCELLED]
+    assert codes in ([grpc.StatusCode.CANCELLED], [grpc.StatusCode.OK])
 
 
 # ---------------------------------------------------------------------------------------------

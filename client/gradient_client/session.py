@@ -38,6 +38,9 @@ _CODES = {code.value[0]: code for code in grpc.StatusCode}
 _GRADIENT, _FORWARD = service_pb2.STEP_KIND_GRADIENT, service_pb2.STEP_KIND_FORWARD
 _CLOSE = object()
 
+IN_FLIGHT = 2
+"""Groups of steps a blocking Session has on their way at once (see Session._pieces)."""
+
 
 class _Steps:
     """What both kinds of session share: encoding steps, decoding results in order."""
@@ -94,17 +97,19 @@ class _Steps:
             if batch["start"] or batch["steps"]:
                 yield _request(batch)
 
-    def dispatch(self, data: bytes) -> None:
-        """Resolve the futures of the results in one response message."""
+    def dispatch(self, data: bytes) -> int:
+        """Resolve the futures of the results in one response message; how many it held."""
         message = decode_response(data, "Session")
         for chunk in message.nested.get("chunks", ()):
             self.chunks.add(chunk)
-        for result in message.nested.get("results", ()):
+        results = message.nested.get("results", ())
+        for result in results:
             future, kind = self.pending.popleft()
             try:
                 _resolve(future, self._result(result, kind))
             except GradientError as error:
                 _fail(future, error)
+        return len(results)
 
     def _result(self, result: WireMessage, kind: int) -> ForwardResult | GradientResult:
         try:
@@ -165,11 +170,14 @@ def _stream_error(error: BaseException) -> GradientError:
 class StepFuture:
     """The result of a step sent but not yet read back; result() waits for it."""
 
+    __slots__ = ("_session", "_done", "_value", "_error", "_wake")
+
     def __init__(self, session: Session):
         self._session = session
         self._done = False
         self._value: Any = None
         self._error: GradientError | None = None
+        self._wake = threading.Event()  # set when the result is in, or it is our turn to read
 
     def done(self) -> bool:
         """Whether the result has arrived."""
@@ -184,13 +192,15 @@ class StepFuture:
 
     def _set(self, value: Any, error: GradientError | None) -> None:
         self._value, self._error, self._done = value, error, True
+        self._wake.set()
 
 
 class Session:
     """A blocking session; build it with GradientClient.session() and use it with `with`.
 
-    Thread-safe: steps from several threads share the stream. Whichever waiting thread holds
-    the stream reads the next response and hands out the results it carries.
+    Thread-safe: steps from several threads share the stream. One waiting thread at a time
+    reads the responses and hands out the results they carry, waking each waiting thread once
+    (when its result is in, or when it is its turn to read).
     """
 
     def __init__(
@@ -207,8 +217,12 @@ class Session:
         self._outbox.put(self._steps.start)
         self._send_lock = threading.Lock()
         self._read_lock = threading.Lock()
+        self._waiting: list[StepFuture] = []  # futures a thread waits on (under _send_lock)
         self._failure: GradientError | None = None
         self._closed = False
+        # Steps of the groups sent and not yet all answered, oldest first (see _pieces).
+        self._unanswered: deque[int] = deque()
+        self._answered = threading.Condition()
         self._responses = method(self._steps.requests(self._pieces()), timeout=timeout)
 
     def __enter__(self) -> Session:
@@ -221,8 +235,16 @@ class Session:
             self.cancel()
 
     def _pieces(self) -> Iterator[list[Any]]:
-        """What the request stream sends: block for a piece, then take all those ready too."""
+        """What the request stream sends: block for a piece, then take all those ready too.
+
+        At most IN_FLIGHT groups of steps are on their way at once: while they are, the
+        steps submitted meanwhile (by other threads, or as futures) gather in the outbox and
+        leave together, in one message, as soon as an answer comes back.
+        """
         while True:
+            with self._answered:
+                while len(self._unanswered) >= IN_FLIGHT and self._failure is None:
+                    self._answered.wait()
             group = [self._outbox.get()]
             while True:
                 try:
@@ -232,6 +254,10 @@ class Session:
             closing = _CLOSE in group
             if closing:
                 group = group[: group.index(_CLOSE)]
+            steps = sum(1 for piece in group if not isinstance(piece, WireMessage))
+            if steps:
+                with self._answered:
+                    self._unanswered.append(steps)
             if group:
                 yield group
             if closing:
@@ -273,11 +299,26 @@ class Session:
         return future
 
     def _wait(self, future: StepFuture) -> None:
-        while not future.done():
-            with self._read_lock:
-                if future.done():
-                    return
-                self._read_one()
+        with self._send_lock:
+            self._waiting.append(future)
+        try:
+            while not future._done:
+                if self._read_lock.acquire(blocking=False):
+                    try:
+                        while not future._done:
+                            self._read_one()
+                    finally:
+                        self._read_lock.release()
+                    break
+                future._wake.wait()
+                future._wake.clear()
+        finally:
+            with self._send_lock:
+                self._waiting.remove(future)
+                # Whoever still waits for a result takes over the reading.
+                successor = next((f for f in self._waiting if not f._done), None)
+            if successor is not None:
+                successor._wake.set()
 
     def _read_one(self) -> None:
         try:
@@ -288,13 +329,27 @@ class Session:
         except Exception as error:  # noqa: BLE001 - grpc.RpcError, or the stream broke
             self._end(_stream_error(error))
             return
-        self._steps.dispatch(data)
+        self._count_answers(self._steps.dispatch(data))
+
+    def _count_answers(self, count: int) -> None:
+        if not count:
+            return
+        with self._answered:
+            while count and self._unanswered:
+                answered = min(count, self._unanswered[0])
+                count -= answered
+                self._unanswered[0] -= answered
+                if not self._unanswered[0]:
+                    self._unanswered.popleft()
+            self._answered.notify()
 
     def _end(self, error: GradientError) -> None:
         with self._send_lock:
             if self._failure is None:
                 self._failure = error
         self._steps.fail_pending(self._failure)
+        with self._answered:
+            self._answered.notify()
 
     # -- closing ---------------------------------------------------------------------------
 
@@ -308,7 +363,7 @@ class Session:
         with self._read_lock:
             try:
                 for data in self._responses:
-                    self._steps.dispatch(data)
+                    self._count_answers(self._steps.dispatch(data))
             except Exception as error:  # noqa: BLE001
                 self._end(_stream_error(error))
         if self._failure is not None and self._failure.code != grpc.StatusCode.CANCELLED:

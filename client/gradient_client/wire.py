@@ -627,8 +627,20 @@ def _template(message: WireMessage, data: bytes, base: int, regions: list) -> tu
     return (message.fields, tensors, nested, raw)
 
 
+_LAYOUT_TENSORS = 64
+"""Messages with more tensors than this are not remembered (their layouts rarely repeat, and
+remembering costs more than it saves)."""
+
+
+def _tensor_count(message: WireMessage) -> int:
+    count = sum(len(v) if isinstance(v, dict) else 1 for v in message.tensors.values())
+    for occurrences in message.nested.values():
+        count += sum(_tensor_count(occurrence) for occurrence in occurrences)
+    return count + len(message.raw)
+
+
 def _remember_layout(data: bytes, message_type: Any, message: WireMessage) -> None:
-    if not data:
+    if not data or _tensor_count(message) > _LAYOUT_TENSORS:
         return
     regions: list[tuple[int, int]] = []
     template = _template(message, data, _address(data), regions)

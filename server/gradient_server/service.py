@@ -62,11 +62,6 @@ class CallGuard:
     def _end(self) -> None:
         self._ended = True
 
-    @property
-    def ended(self) -> bool:
-        """Whether gRPC has ended the call (the client cancelled, or it is over)."""
-        return self._ended
-
     def check(self) -> None:
         """DeadlineExceeded once the deadline has passed; Cancelled once the call has ended."""
         if time.monotonic() > self._deadline:

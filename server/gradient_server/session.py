@@ -74,7 +74,9 @@ def run_session(
     except Exception as error:  # noqa: BLE001 - every failure gets a status
         code, details = status_of(error, METHOD)
     else:
-        if not guard.ended:
+        # The requests ended: the client half-closed, or cancelled (gRPC may report the
+        # cancellation just after the end of the requests; the call then counts as OK).
+        if context.is_active():
             servicer.call_log.ok(METHOD, start, context)
             return
         code, details = status_of(Cancelled(), METHOD)
