@@ -482,7 +482,14 @@ def main() -> None:
     parser.add_argument("--transport-mib", type=int, default=64)
     parser.add_argument("--wx-size", type=int, default=2048)
     parser.add_argument("--mlp-batch", type=int, default=256)
+    parser.add_argument(
+        "--only",
+        choices=["tiny", "transport", "wx", "calls", "mlp", "workers"],
+        action="append",
+        help="run only these parts (repeatable)",
+    )
     args = parser.parse_args()
+    parts = set(args.only or ["tiny", "transport", "wx", "calls", "mlp", "workers"])
     scale = 10 if args.quick else 1
     args.tiny_calls = 3000 // scale
     args.transport_repeats = max(7 // scale, 2)
@@ -496,12 +503,18 @@ def main() -> None:
         running(echo_server(echo_port), echo_port) as echo,
         running(gradient_server(port), port) as server,
     ):
-        rows += bench_tiny(args, echo_port, echo.pid, port, server.pid)
-        rows += bench_transport(args, echo_port, port)
-        rows += bench_wx(args, echo_port, port)
-        rows += bench_calls_per_second(args, echo_port, port)
-        rows += bench_mlp_step(args, port)
-    rows += bench_workers(args)
+        if "tiny" in parts:
+            rows += bench_tiny(args, echo_port, echo.pid, port, server.pid)
+        if "transport" in parts:
+            rows += bench_transport(args, echo_port, port)
+        if "wx" in parts:
+            rows += bench_wx(args, echo_port, port)
+        if "calls" in parts:
+            rows += bench_calls_per_second(args, echo_port, port)
+        if "mlp" in parts:
+            rows += bench_mlp_step(args, port)
+    if "workers" in parts:
+        rows += bench_workers(args)
     cpus = os.cpu_count()
     print(
         f"gradient service benchmarks: {platform.processor() or platform.machine()}, "

@@ -152,13 +152,14 @@ def wire_graph(graph: GraphLike) -> WireGraph:
     return graph.wire_form() if isinstance(graph, Graph) else WireGraph.of(graph)
 
 
-def encode_array(what: str, value: Any, dtype: Any = None) -> np.ndarray:
+def encode_array(value: Any, dtype: Any = None, *, what: str, name: str = "") -> np.ndarray:
     """A value sent to the server as a little-endian C-contiguous array of a wire dtype;
-    GradientError(INVALID_ARGUMENT) naming `what` if it cannot be one."""
+    GradientError(INVALID_ARGUMENT) naming it (`what` and `name`) if it cannot be one."""
     try:
         return wire_array(np.asarray(value, dtype=dtype))[1]
     except (TypeError, ValueError) as e:  # TensorFormatError is a ValueError
-        raise GradientError(grpc.StatusCode.INVALID_ARGUMENT, f"{what}: {e}") from None
+        named = f"{what} {name!r}" if name else what
+        raise GradientError(grpc.StatusCode.INVALID_ARGUMENT, f"{named}: {e}") from None
 
 
 def encode_feeds(graph: WireGraph, inputs: Mapping[Any, Any] | None) -> dict[str, np.ndarray]:
@@ -166,7 +167,7 @@ def encode_feeds(graph: WireGraph, inputs: Mapping[Any, Any] | None) -> dict[str
     feeds = {}
     for name, value in (inputs or {}).items():
         key = _name(name)
-        feeds[key] = encode_array(f"input {key!r}", value, graph.input_dtypes.get(key))
+        feeds[key] = encode_array(value, graph.input_dtypes.get(key), what="input", name=key)
     return feeds
 
 
@@ -179,7 +180,7 @@ def _gradient_request(graph: WireGraph, output, inputs, wrt, seed, fetch) -> Wir
     fields = service_pb2.GradientRequest(output=_name(output), wrt=_names(wrt), fetch=_names(fetch))
     tensors: dict[str, Any] = {"inputs": encode_feeds(graph, inputs)}
     if seed is not None:
-        tensors["seed"] = encode_array("seed", seed)
+        tensors["seed"] = encode_array(seed, what="seed")
     return WireMessage(fields, tensors=tensors)
 
 
@@ -208,7 +209,7 @@ def _check_request(
             setattr(fields, name, value)
     tensors: dict[str, Any] = {"inputs": encode_feeds(graph, inputs)}
     if seed is not None:
-        tensors["seed"] = encode_array("seed", seed)
+        tensors["seed"] = encode_array(seed, what="seed")
     return WireMessage(fields, tensors=tensors)
 
 
@@ -229,7 +230,8 @@ def _check_report(response: WireMessage) -> GradientCheckReport:
 
 def _hvp_request(graph: WireGraph, output, inputs, vector) -> WireMessage:
     vectors = {
-        _name(k): encode_array(f"vector {_name(k)!r}", v, float) for k, v in (vector or {}).items()
+        _name(k): encode_array(v, float, what="vector", name=_name(k))
+        for k, v in (vector or {}).items()
     }
     return WireMessage(
         service_pb2.HessianVectorProductRequest(output=_name(output)),
@@ -395,14 +397,15 @@ class _KnownGraphs:
 
 
 def _with_digest(request: WireMessage, graph: WireGraph) -> WireMessage:
-    fields = type(request.fields)()
-    fields.CopyFrom(request.fields)
-    fields.graph_digest = graph.digest
-    return WireMessage(fields, request.tensors)
+    request.fields.graph_digest = graph.digest
+    request.raw.pop("graph", None)
+    return request
 
 
 def _with_graph(request: WireMessage, graph: WireGraph) -> WireMessage:
-    return WireMessage(request.fields, request.tensors, raw={"graph": graph.data})
+    request.fields.ClearField("graph_digest")
+    request.raw["graph"] = graph.data
+    return request
 
 
 class GradientClient:

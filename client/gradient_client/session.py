@@ -64,7 +64,7 @@ class _Steps:
             chunks += wire.chunks_of(service_pb2.CHUNK_TARGET_INPUT, name, array, self.budget)
         tensors: dict[str, Any] = {"inputs": inline}
         if seed is not None:
-            seed_array = encode_array("seed", seed)
+            seed_array = encode_array(seed, what="seed")
             room = self.budget - wire.payload_bytes(inline)
             if wire.payload_bytes({"seed": seed_array}) > room:
                 chunks += wire.chunks_of(service_pb2.CHUNK_TARGET_SEED, "", seed_array, self.budget)

@@ -149,10 +149,10 @@ def array_from_data(
             f"tensor data has {nbytes} bytes but shape {list(shape)} of {numpy_dtype.name} "
             f"needs {expected}"
         )
-    array = np.frombuffer(buffer, dtype=numpy_dtype, count=count, offset=offset)
+    array = np.ndarray(shape, numpy_dtype, buffer, offset)  # a view: read-only for bytes
     if dtype == tensor_pb2.DTYPE_BOOL and count and array.view(np.uint8).max() > 1:
         raise TensorFormatError("bool tensor data holds bytes other than 0 and 1")
-    return array if len(shape) == 1 else array.reshape(shape)
+    return array
 
 
 def from_proto(tensor: tensor_pb2.Tensor, *, writeable: bool = False) -> np.ndarray:

@@ -607,7 +607,7 @@ def _template(message: WireMessage, data: bytes, base: int, regions: list) -> tu
             if not 0 <= offset <= len(data) - array.nbytes or not array.flags.c_contiguous:
                 return None
             regions.append((offset, offset + array.nbytes))
-            tensors.append((name, key, len(regions) - 1, (array.dtype, array.size, array.shape)))
+            tensors.append((name, key, len(regions) - 1, (array.dtype, array.shape)))
     nested = []
     for name, occurrences in message.nested.items():
         templates = [_template(occurrence, data, base, regions) for occurrence in occurrences]
@@ -674,10 +674,8 @@ def _rebuild(template: tuple, data: bytes, cuts: tuple[int, ...]) -> WireMessage
         if index < 0:
             array = spec  # an empty tensor, shared (read-only)
         else:
-            dtype, count, shape = spec
-            array = np.frombuffer(data, dtype, count, cuts[2 * index])
-            if len(shape) != 1:
-                array = array.reshape(shape)
+            dtype, shape = spec
+            array = np.ndarray(shape, dtype, data, cuts[2 * index])
             if dtype.kind == "b" and array.view(np.uint8).max() > 1:
                 raise _BadPayload
         if key is None:

@@ -53,15 +53,7 @@ class Plan:
             for index, node in enumerate(nodes)
         ]
         self._program = tuple(
-            (
-                step.node.name,
-                None
-                if step.node.op == "input"
-                else functools.partial(step.node.opdef.forward, step.call),
-                step.node.inputs,
-                step.release,
-                step,
-            )
+            (step.node.name, _bound(step), step.node.inputs, step.release, step)
             for step in self.steps
         )
         # Every value as if none were freed, plus the largest scratch space of any one op.
@@ -97,6 +89,15 @@ class Plan:
                 for used in release:
                     del values[used]
         return {name: values[name] for name in self.fetch}
+
+
+def _bound(step: _Step) -> Callable[..., np.ndarray] | None:
+    """The step's forward function taking only the operands (None for an input)."""
+    if step.node.op == "input":
+        return None
+    opdef = step.node.opdef
+    direct = opdef.bind(step.call) if opdef.bind is not None else None
+    return direct or functools.partial(opdef.forward, step.call)
 
 
 def _check_type(node: Node, value: np.ndarray, expected: TensorType) -> None:

@@ -127,6 +127,9 @@ class OpDef:
     workspace: Callable[[Call], int] | None = None
     """Bytes the forward function allocates beyond its result (e.g. unfolded windows), so the
     engine can charge them against the request's memory limit before running."""
+    bind: Callable[[Call], Callable[..., np.ndarray] | None] | None = None
+    """A function computing this call from the operands alone, chosen once when the plan is
+    built (e.g. numpy's own, when no operand needs a cast), or None to use forward."""
 
     def __post_init__(self) -> None:
         if not self.differentiable:

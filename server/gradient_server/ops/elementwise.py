@@ -30,6 +30,16 @@ def _cast(call: Call, arrays: tuple[np.ndarray, ...]) -> list[np.ndarray]:
     return [a.astype(call.type.dtype, copy=False) for a in arrays]
 
 
+def _direct(fn: Callable[..., np.ndarray]) -> Callable[[Call], Callable[..., np.ndarray] | None]:
+    """A bind rule: numpy's function itself when every operand has the result's dtype."""
+
+    def bind(call: Call) -> Callable[..., np.ndarray] | None:
+        dtype = call.type.dtype
+        return fn if all(t.dtype == dtype for t in call.input_types) else None
+
+    return bind
+
+
 def _numeric(op: str, dtype: np.dtype) -> np.dtype:
     if dtype.kind == "b":
         raise ShapeError(f"{op} does not take bool operands; cast them first")
@@ -62,7 +72,7 @@ def _binary(
         x, y = call.inputs
         return grad(b, x, y, call.out, g)
 
-    return register(OpDef(name, doc, ("x", "y"), infer, forward, backward))
+    return register(OpDef(name, doc, ("x", "y"), infer, forward, backward, bind=_direct(fn)))
 
 
 _binary("add", "x + y, broadcasting.", np.add, lambda b, x, y, out, g: (g, g))
@@ -145,7 +155,7 @@ def _unary(
     def backward(b: Emitter, call: GradCall, g: Ref):
         return (grad(b, call.inputs[0], call.out, g),)
 
-    return register(OpDef(name, doc, ("x",), infer, forward, backward))
+    return register(OpDef(name, doc, ("x",), infer, forward, backward, bind=_direct(fn)))
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
