@@ -78,7 +78,7 @@ class _LRU(Generic[K, V]):
         return value
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class GradientResult:
     """Values and gradients of a Gradient call, keyed by node name."""
 
@@ -98,11 +98,15 @@ class _Prepared:
     seed: str = ""
     seed_type: TensorType | None = None
     skipped: dict[str, str] = field(default_factory=dict)
+    default_seed: np.ndarray | None = None  # ones, for an output of one element
 
 
-def _call_signature(feeds: Mapping[str, np.ndarray]) -> tuple:
+def _signature_of(feeds: Mapping[str, np.ndarray]) -> list:
     """What a prepared call depends on in the feeds: names (in order), dtypes and shapes."""
-    return tuple((name, value.dtype, value.shape) for name, value in feeds.items())
+    signature: list = []
+    for name, value in feeds.items():
+        signature += (name, value.dtype, value.shape)
+    return signature
 
 
 def _weight(graph: Graph) -> Callable[[object], int]:
@@ -255,7 +259,7 @@ class Engine:
         check_deadline: Callable[[], None] = no_deadline,
     ) -> dict[str, np.ndarray]:
         """The values of the `fetch` nodes (every node when empty)."""
-        key = ("call:forward", graph.digest, tuple(fetch), _call_signature(feeds))
+        key = ("call:forward", graph.digest, tuple(fetch), *_signature_of(feeds))
         prepared = self._plans.get(key)
         if prepared is None:
             fetch_names = _names(graph, fetch, "fetch")
@@ -330,8 +334,8 @@ class Engine:
         check_deadline: Callable[[], None] = no_deadline,
     ) -> GradientResult:
         """Values of `fetch` and gradients of `output` with respect to `wrt` (all when empty)."""
-        key = ("call:gradient", graph.digest, output, tuple(wrt), tuple(fetch))
-        key += (_call_signature(feeds),)
+        names = (output, tuple(wrt), tuple(fetch))
+        key = ("call:gradient", graph.digest, *names, *_signature_of(feeds))
         prepared = self._plans.get(key)
         if prepared is None:
             wrt_names = _names(graph, wrt, "wrt")
@@ -341,17 +345,22 @@ class Engine:
                 graph, feed_types, output, wrt_names, fetch_names, check_deadline
             )
             combined = compiled.combined
+            out_type = compiled.output_type
             prepared = _Prepared(
                 compiled.plan,
                 tuple(fetch_names),
                 tuple(combined.gradients.items()),
                 combined.seed,
-                compiled.output_type,
+                out_type,
                 dict(combined.skipped),
+                _ones(out_type) if out_type.size == 1 else None,
             )
             self._plans.get_or_make(key, lambda: prepared, _unweighed)
         assert isinstance(prepared, _Prepared) and prepared.seed_type is not None
-        seed_value = self._seed_value(graph, output, prepared.seed_type, seed)
+        if seed is None and prepared.default_seed is not None:
+            seed_value = prepared.default_seed
+        else:
+            seed_value = self._seed_value(graph, output, prepared.seed_type, seed)
         values = prepared.plan.run({**feeds, prepared.seed: seed_value}, check_deadline)
         return GradientResult(
             values={name: values[name] for name in prepared.fetch},
