@@ -131,18 +131,25 @@ def timed(call: Callable[[], object], repeats: int, warmup: int) -> Timing:
     return Timing.of(samples)
 
 
-def interleaved(calls: dict[str, Callable[[], object]], repeats: int, warmup: int) -> dict:
-    """Wall seconds of each call, the calls taking turns (so drifts of the machine's speed
-    affect them alike): name -> Timing."""
+def interleaved(
+    calls: dict[str, Callable[[], object]], repeats: int, warmup: int, block: int = 50
+) -> dict:
+    """Wall seconds of each call, the calls taking turns in blocks of `block` calls (so that
+    drifts of the machine's speed affect them alike, while each runs warm, back to back, as
+    a client looping on one server does; the first calls of each block are not counted):
+    name -> Timing."""
     for call in calls.values():
         for _ in range(warmup):
             call()
     samples: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(repeats):
+    settle = max(block // 10, 1)
+    while len(next(iter(samples.values()))) < repeats:
         for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            samples[name].append(time.perf_counter() - start)
+            for index in range(block + settle):
+                start = time.perf_counter()
+                call()
+                if index >= settle:
+                    samples[name].append(time.perf_counter() - start)
     return {name: Timing.of(times) for name, times in samples.items()}
 
 

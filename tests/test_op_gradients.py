@@ -122,6 +122,8 @@ def _unslice_ref(x: np.ndarray, shape, starts, stops, steps=None, axes=None) -> 
 
 
 def _pad_ref(x: np.ndarray, pads, value: float = 0.0) -> np.ndarray:
+    if not x.ndim:  # a scalar has no axis to pad
+        return x.copy()
     widths = [(pads[2 * i], pads[2 * i + 1]) for i in range(x.ndim)]
     return np.pad(x, widths, constant_values=value)
 
@@ -414,6 +416,7 @@ OP_ROWS: list[Row] = [
     op_row("unslice", [(2,)], shape=[5], starts=[1], stops=[5], steps=[2]),
     op_row("unslice", [(2, 3)], shape=[4, 3], starts=[1], stops=[3]),
     op_row("unslice", [(4, 2)], shape=[4, 5], starts=[4], stops=[0], steps=[-3], axes=[1]),
+    op_row("pad", [()], pads=[]),
     op_row("pad", [(3,)], pads=[1, 2]),
     op_row("pad", [(2, 3)], pads=[0, 1, 2, 0], value=1.5),
     op_row("concat", [(2, 3), (1, 3)]),

@@ -52,9 +52,12 @@ class Plan:
             )
             for index, node in enumerate(nodes)
         ]
+        # Inputs are values from the start, not steps; each op is ready to call.
+        self._inputs = tuple(s.node.name for s in self.steps if s.node.op == "input")
         self._program = tuple(
             (step.node.name, _bound(step), step.node.inputs, step.release, step)
             for step in self.steps
+            if step.node.op != "input"
         )
         # Every value as if none were freed, plus the largest scratch space of any one op.
         self.estimated_bytes = sum(
@@ -72,29 +75,29 @@ class Plan:
         self, feeds: Mapping[str, np.ndarray], check_deadline: Callable[[], None]
     ) -> dict[str, np.ndarray]:
         """Compute every fetched value. check_deadline is called between ops and may raise."""
-        values: dict[str, np.ndarray] = {}
-        with np.errstate(all="ignore"):
-            for name, forward, sources, release, step in self._program:
-                check_deadline()
-                if forward is None:
-                    values[name] = feeds[name]
-                    continue
-                try:
-                    value = np.asarray(forward(*[values[s] for s in sources]))
-                except InvalidValue as e:
-                    raise node_error(step.node, str(e)) from None
-                if CHECK_RESULT_TYPES:
-                    _check_type(step.node, value, step.call.type)
-                values[name] = value
-                for used in release:
-                    del values[used]
+        with np.errstate(all="ignore"):  # inf and nan are the client's results, not warnings
+            return self._run(feeds, check_deadline)
+
+    def _run(
+        self, feeds: Mapping[str, np.ndarray], check_deadline: Callable[[], None]
+    ) -> dict[str, np.ndarray]:
+        values = {name: feeds[name] for name in self._inputs}
+        for name, forward, sources, release, step in self._program:
+            check_deadline()
+            try:
+                value = np.asarray(forward(*[values[s] for s in sources]))
+            except InvalidValue as e:
+                raise node_error(step.node, str(e)) from None
+            if CHECK_RESULT_TYPES:
+                _check_type(step.node, value, step.call.type)
+            values[name] = value
+            for used in release:
+                del values[used]
         return {name: values[name] for name in self.fetch}
 
 
-def _bound(step: _Step) -> Callable[..., np.ndarray] | None:
-    """The step's forward function taking only the operands (None for an input)."""
-    if step.node.op == "input":
-        return None
+def _bound(step: _Step) -> Callable[..., np.ndarray]:
+    """The step's forward function, taking only the operands."""
     opdef = step.node.opdef
     direct = opdef.bind(step.call) if opdef.bind is not None else None
     return direct or functools.partial(opdef.forward, step.call)

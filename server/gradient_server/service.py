@@ -404,7 +404,8 @@ def create_server(
     max_bytes = check_message_mb(max_message_mb) * 1024 * 1024
     server = grpc.server(
         futures.ThreadPoolExecutor(
-            max_workers=threads + max_sessions, thread_name_prefix="gradient"
+            max_workers=threads + max_sessions,
+            thread_name_prefix="gradient",
         ),
         options=[
             ("grpc.max_receive_message_length", max_bytes),

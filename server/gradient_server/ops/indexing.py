@@ -204,6 +204,13 @@ def _pad_infer(attrs, x: TensorType) -> TensorType:
     return TensorType(x.dtype, shape, x.weak)
 
 
+def _pad_forward(call: Call, x: np.ndarray) -> np.ndarray:
+    if not x.ndim:  # nothing to pad (numpy refuses an empty list of widths)
+        return x.astype(call.type.dtype)
+    padded = np.pad(x, _pad_widths(call.attrs, x.ndim), constant_values=call.attrs["value"])
+    return padded.astype(call.type.dtype, copy=False)
+
+
 def _pad_grad(b: Emitter, call: GradCall, g: Ref):
     x = call.inputs[0]
     widths = _pad_widths(call.attrs, len(x.shape))
@@ -218,9 +225,7 @@ register(
         "x padded with a constant value.",
         ("x",),
         _pad_infer,
-        lambda call, x: np.pad(
-            x, _pad_widths(call.attrs, x.ndim), constant_values=call.attrs["value"]
-        ).astype(call.type.dtype, copy=False),
+        _pad_forward,
         _pad_grad,
         attrs=(
             AttrSpec("pads", "ints", doc="(before, after) counts for each axis, flattened."),
