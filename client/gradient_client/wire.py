@@ -543,11 +543,10 @@ def decode(data: bytes, message_type: Any) -> WireMessage:
     key) if a tensor is inconsistent.
     """
     layout = _layouts.get((message_type, len(data)))
-    if layout is not None and _skeleton(data, layout.cuts) == layout.skeleton:
-        try:
-            return _rebuild(layout.template, data, layout.cuts)
-        except _BadPayload:
-            pass  # decoded afresh below, to report the error as a first decode does
+    if layout is not None and _skeleton(data, layout.keeps) == layout.skeleton:
+        if not any(_bad_bools(data, offset, length) for offset, length in layout.bools):
+            return _rebuild(layout.template, data)
+        # else decoded afresh below, to report the error as a first decode does
     try:
         message = _decode(data, message_type, [(0, len(data))])
     except IndexError:
@@ -562,55 +561,59 @@ def decode(data: bytes, message_type: Any) -> WireMessage:
 # messages; they are decoded by checking those bytes and viewing the payloads.
 
 
-class _BadPayload(Exception):
-    """A payload a layout cannot take as it is (bool bytes other than 0 and 1)."""
+def _bad_bools(data: bytes, offset: int, length: int) -> bool:
+    return bool(np.frombuffer(data, np.uint8, length, offset).max() > 1)
 
 
 @dataclass(frozen=True)
 class _Layout:
-    cuts: tuple[int, ...]  # start and end of each payload, in order
-    skeleton: bytes  # the message's bytes with the payloads cut out
-    template: tuple  # (fields, tensors, nested, raw) of the decoded message, payloads indexed
+    keeps: tuple[tuple[int, int], ...]  # the spans of the message that are not payloads
+    skeleton: bytes  # their bytes
+    template: tuple  # (fields, tensors, nested, raw) of the decoded message, see _template
+    bools: tuple[tuple[int, int], ...]  # (offset, length) of bool payloads, to check
 
 
 _layouts: dict[tuple[Any, int], _Layout] = {}
 
+_LAYOUT_TENSORS = 64
+"""Messages with more tensors than this are not remembered (their layouts rarely repeat, and
+remembering costs more than it saves)."""
 
-def _skeleton(data: bytes, cuts: tuple[int, ...]) -> bytes:
+
+def _skeleton(data: bytes, keeps: tuple[tuple[int, int], ...]) -> bytes:
     view = memoryview(data)
-    pieces = []
-    position = 0
-    for index in range(0, len(cuts), 2):
-        pieces.append(view[position : cuts[index]])
-        position = cuts[index + 1]
-    pieces.append(view[position:])
-    return b"".join(pieces)
+    return b"".join([view[start:end] for start, end in keeps])
 
 
-def _address(buffer: Any) -> int:
-    return np.frombuffer(buffer, np.uint8).__array_interface__["data"][0]
+def _offset(buffer: Any, base: int) -> int:
+    return np.frombuffer(buffer, np.uint8).__array_interface__["data"][0] - base
 
 
-def _template(message: WireMessage, data: bytes, base: int, regions: list) -> tuple | None:
-    """The message with each payload replaced by its region's index (appended to `regions`),
-    or None if some part is not a view of `data` (list-form tensors, merged fields)."""
+def _template(
+    message: WireMessage, data: bytes, base: int, payloads: list, bools: list
+) -> tuple | None:
+    """The message with each tensor and raw field replaced by where it lies in `data` (its
+    payload appended to `payloads`), or None if some part is not a view of `data` (list-form
+    tensors, merged fields) or a nested part failed."""
     if message.error is not None:
         return None
     tensors = []
     for name, value in message.tensors.items():
-        entries = value.items() if isinstance(value, dict) else [(None, value)]
-        for key, array in entries:
-            if not array.nbytes:
-                tensors.append((name, key, -1, array))
-                continue
-            offset = array.__array_interface__["data"][0] - base
+        single = not isinstance(value, dict)
+        entries = []
+        for key, array in [(None, value)] if single else value.items():
+            offset = array.__array_interface__["data"][0] - base if array.nbytes else 0
             if not 0 <= offset <= len(data) - array.nbytes or not array.flags.c_contiguous:
                 return None
-            regions.append((offset, offset + array.nbytes))
-            tensors.append((name, key, len(regions) - 1, (array.dtype, array.shape)))
+            if array.nbytes:
+                payloads.append((offset, offset + array.nbytes))
+                if array.dtype.kind == "b":
+                    bools.append((offset, array.nbytes))
+            entries.append((key, offset, array.dtype, array.shape))
+        tensors.append((name, single, tuple(entries)))
     nested = []
     for name, occurrences in message.nested.items():
-        templates = [_template(occurrence, data, base, regions) for occurrence in occurrences]
+        templates = [_template(part, data, base, payloads, bools) for part in occurrences]
         if any(t is None for t in templates):
             return None
         nested.append((name, templates))
@@ -618,18 +621,11 @@ def _template(message: WireMessage, data: bytes, base: int, regions: list) -> tu
     for name, value in message.raw.items():
         if not isinstance(value, memoryview):
             return None
-        if not len(value):
-            raw.append((name, -1))
-            continue
-        offset = _address(value) - base
-        regions.append((offset, offset + len(value)))
-        raw.append((name, len(regions) - 1))
-    return (message.fields, tensors, nested, raw)
-
-
-_LAYOUT_TENSORS = 64
-"""Messages with more tensors than this are not remembered (their layouts rarely repeat, and
-remembering costs more than it saves)."""
+        offset = _offset(value, base) if len(value) else 0
+        if len(value):
+            payloads.append((offset, offset + len(value)))
+        raw.append((name, offset, offset + len(value)))
+    return (message.fields, tuple(tensors), tuple(nested), tuple(raw))
 
 
 def _tensor_count(message: WireMessage) -> int:
@@ -642,51 +638,42 @@ def _tensor_count(message: WireMessage) -> int:
 def _remember_layout(data: bytes, message_type: Any, message: WireMessage) -> None:
     if not data or _tensor_count(message) > _LAYOUT_TENSORS:
         return
-    regions: list[tuple[int, int]] = []
-    template = _template(message, data, _address(data), regions)
+    payloads: list[tuple[int, int]] = []
+    bools: list[tuple[int, int]] = []
+    template = _template(message, data, _offset(data, 0), payloads, bools)
     if template is None:
         return
-    order = sorted(range(len(regions)), key=lambda i: regions[i][0])
-    cuts = tuple(bound for i in order for bound in regions[i])
-    if any(a > b for a, b in zip(cuts, cuts[1:], strict=False)):
-        return  # overlapping regions cannot happen in a valid parse; be safe
-    renumber = {old: new for new, old in enumerate(order)}
-    template = _renumbered(template, renumber)
+    keeps = []
+    position = 0
+    for start, end in sorted(payloads):
+        if start < position:
+            return  # overlapping payloads cannot come from a valid parse; be safe
+        keeps.append((position, start))
+        position = end
+    keeps.append((position, len(data)))
     if len(_layouts) >= _CACHED:
         _layouts.clear()
-    _layouts[(message_type, len(data))] = _Layout(cuts, _skeleton(data, cuts), template)
+    layout = _Layout(tuple(keeps), _skeleton(data, tuple(keeps)), template, tuple(bools))
+    _layouts[(message_type, len(data))] = layout
 
 
-def _renumbered(template: tuple, renumber: dict[int, int]) -> tuple:
-    fields, tensors, nested, raw = template
-    return (
-        fields,
-        [(n, k, renumber.get(i, -1), spec) for n, k, i, spec in tensors],
-        [(n, [_renumbered(t, renumber) for t in ts]) for n, ts in nested],
-        [(n, renumber.get(i, -1)) for n, i in raw],
-    )
-
-
-def _rebuild(template: tuple, data: bytes, cuts: tuple[int, ...]) -> WireMessage:
+def _rebuild(template: tuple, data: bytes) -> WireMessage:
     fields, tensors, nested, raw = template
     message = WireMessage(fields)
-    for name, key, index, spec in tensors:
-        if index < 0:
-            array = spec  # an empty tensor, shared (read-only)
+    for name, single, entries in tensors:
+        if single:
+            _, offset, dtype, shape = entries[0]
+            message.tensors[name] = np.ndarray(shape, dtype, data, offset)
         else:
-            dtype, shape = spec
-            array = np.ndarray(shape, dtype, data, cuts[2 * index])
-            if dtype.kind == "b" and array.view(np.uint8).max() > 1:
-                raise _BadPayload
-        if key is None:
-            message.tensors[name] = array
-        else:
-            message.tensors.setdefault(name, {})[key] = array
+            message.tensors[name] = {
+                key: np.ndarray(shape, dtype, data, offset) for key, offset, dtype, shape in entries
+            }
     for name, templates in nested:
-        message.nested[name] = [_rebuild(t, data, cuts) for t in templates]
-    view = memoryview(data)
-    for name, index in raw:
-        message.raw[name] = view[cuts[2 * index] : cuts[2 * index + 1]] if index >= 0 else view[:0]
+        message.nested[name] = [_rebuild(t, data) for t in templates]
+    if raw:
+        view = memoryview(data)
+        for name, start, end in raw:
+            message.raw[name] = view[start:end]
     return message
 
 
