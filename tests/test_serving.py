@@ -1,10 +1,12 @@
-"""The serving path end to end: graph digests (handles), the SDK's digest reuse, and Sessions."""
+"""The serving path end to end: graph digests (handles), the SDK's digest reuse, Sessions,
+tensors as views, the call log and cancellation."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import hashlib
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -1060,3 +1062,109 @@ def test_a_client_with_three_connections_spreads_calls_and_gets_right_results():
                 assert_lecture(session.gradient(LECTURE_INPUTS).values)
     peers = {peer for method, _, peer in call_log.of("Gradient")}
     assert len(peers) == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# D. Tensors as views, the call log, and a cancelled call
+
+
+class FeedKeepingEngine(Engine):
+    """An Engine keeping the arrays each Gradient call was fed."""
+
+    def __init__(self):
+        super().__init__()
+        self.fed: list[dict[str, np.ndarray]] = []
+
+    def gradient(self, graph, feeds, *args, **kwargs):
+        self.fed.append(dict(feeds))
+        return super().gradient(graph, feeds, *args, **kwargs)
+
+
+def _owner(array: np.ndarray):
+    """The object whose memory an array views (following views of views)."""
+    while isinstance(array, np.ndarray) and array.base is not None:
+        array = array.base
+    return array
+
+
+def test_inputs_reach_the_engine_and_results_reach_the_caller_as_read_only_views():
+    engine = FeedKeepingEngine()
+    x = np.arange(100_000, dtype=np.float64)
+    g = Graph()
+    g.sum(g.square(g.input("x")), name="f")
+    with running_server(engine=engine) as address, GradientClient(address) as client:
+        result = client.gradient(g, "f", {"x": x})
+    fed = engine.fed[0]["x"]
+    assert not fed.flags.writeable and isinstance(_owner(fed), bytes)  # the request's bytes
+    np.testing.assert_array_equal(fed, x)
+    gradient = result.gradients["x"]
+    assert not gradient.flags.writeable and isinstance(_owner(gradient), bytes)
+    np.testing.assert_array_equal(gradient, 2 * x)
+    assert float(result.values["f"]) == float(np.sum(x * x))
+
+
+class CapturedLog(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def captured_call_log() -> Iterator[CapturedLog]:
+    handler = CapturedLog()
+    logger = logging.getLogger("gradient_server.calls")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+@pytest.mark.parametrize("sample, logged", [(0.0, 0), (1.0, 5)])
+def test_successful_calls_are_logged_at_the_sampled_rate_and_failures_always(sample, logged):
+    with captured_call_log() as log, running_server(call_log=CallLog(sample)) as address:
+        with GradientClient(address) as client:
+            for _ in range(5):
+                client.gradient(lecture_graph(), "f", LECTURE_INPUTS)
+            with pytest.raises(GradientError):
+                client.gradient(lecture_graph(), "nowhere", LECTURE_INPUTS)
+    lines = [r for r in log.records if r.getMessage().startswith("method=Gradient")]
+    ok = [r for r in lines if " code=OK " in r.getMessage()]
+    failed = [r for r in lines if " code=INVALID_ARGUMENT " in r.getMessage()]
+    assert len(ok) == logged and all(r.levelno == logging.INFO for r in ok)
+    assert len(failed) == 1 and failed[0].levelno == logging.WARNING
+    assert "'nowhere'" in failed[0].getMessage() and failed[0].exc_info is None
+
+
+def test_the_sampled_fraction_must_be_a_fraction():
+    with pytest.raises(ValueError):
+        CallLog(1.5)
+
+
+def test_a_cancelled_call_stops_its_work_and_the_server_serves_the_next():
+    """One request thread: the next call is served soon after the cancel, so the heavy call's
+    remaining ops (many seconds of matmuls) were not run; the call is logged as CANCELLED."""
+    call_log = RecordingCallLog()
+    g = Graph()
+    w = h = g.input("w")
+    for _ in range(3000):
+        h = g.matmul(h, w)
+    weights = np.eye(300)
+    with running_server(threads=1, max_sessions=1, call_log=call_log) as address:
+        with grpc.insecure_channel(address) as channel, GradientClient(address) as client:
+            request = service_pb2.ForwardRequest(
+                graph=g.message(), inputs={"w": to_proto(weights)}, fetch=[h.name]
+            )
+            future = service_grpc.GradientServiceStub(channel).Forward.future(request)
+            time.sleep(0.3)
+            future.cancel()
+            started = time.monotonic()
+            assert_lecture(client.forward(lecture_graph(), LECTURE_INPUTS, timeout=30).values)
+            assert time.monotonic() - started < 3.0
+    assert (grpc.StatusCode.CANCELLED) in [code for method, code, _ in call_log.of("Forward")]

@@ -63,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--max-sessions",
-        type=int,
+        type=_positive,
         default=16,
         help="Session streams open at once per process; each holds a thread (default 16)",
     )
@@ -80,6 +80,16 @@ def _parser() -> argparse.ArgumentParser:
         "are always logged)",
     )
     return parser
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
 
 
 def _fraction(text: str) -> float:
