@@ -882,6 +882,24 @@ def test_a_chunked_input_over_the_element_limit_is_resource_exhausted():
     assert_sum_of_squares(following, CHUNK_X)
 
 
+@pytest.mark.parametrize("shape", [(2**40, 2**40), (2**31, 2**31, 4)])
+def test_a_chunked_input_of_an_absurd_shape_is_resource_exhausted_not_allocated(shape):
+    absurd = chunk(0, bytes(8), shape=shape)
+    good = service_pb2.SessionStep(inputs={"x": to_proto(CHUNK_X)})
+    messages = [
+        service_pb2.SessionRequest(start=sum_of_squares_start()),
+        service_pb2.SessionRequest(chunks=[absurd], steps=[service_pb2.SessionStep()]),
+        service_pb2.SessionRequest(steps=[good]),
+    ]
+    with running_server() as address, grpc.insecure_channel(address) as raw:
+        responses, error = raw_session(service_grpc.GradientServiceStub(raw), messages)
+    assert error is None
+    over, following = results_of(responses)
+    assert over.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    assert "max_tensor_elements" in over.error.message
+    assert_sum_of_squares(following, CHUNK_X)
+
+
 # ---------------------------------------------------------------------------------------------
 # B. Session slots and cancellation
 

@@ -411,6 +411,10 @@ def create_server(
             ("grpc.max_receive_message_length", max_bytes),
             ("grpc.max_send_message_length", max_bytes),
             ("grpc.so_reuseport", 1 if reuse_port else 0),
+            # Ping idle connections, so that a client that vanished (a session's, say) is
+            # noticed and its call ended within about a minute and a half.
+            ("grpc.keepalive_time_ms", 60_000),
+            ("grpc.keepalive_timeout_ms", 20_000),
         ],
     )
     servicer = GradientServicer(

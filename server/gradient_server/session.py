@@ -9,6 +9,7 @@ of the steps of one message go back in as few messages as their size allows.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -158,7 +159,7 @@ class _Session:
 
     def _check_chunked_size(self, what: str, dtype: np.dtype, shape: tuple[int, ...]) -> None:
         limits = self.engine.limits
-        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        count = math.prod(shape)  # Python ints: no overflow for absurd shapes
         if count > limits.max_tensor_elements:
             raise LimitExceeded(
                 f"{what} has {count} elements; the limit (max_tensor_elements) is "
