@@ -7,7 +7,6 @@ are INVALID_ARGUMENT), and responses are written straight into their bytes.
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections.abc import Callable
@@ -24,74 +23,20 @@ from gradient.v1 import gradient_service_pb2 as service_pb2
 from gradient.v1 import graph_pb2
 from gradient_client import wire
 from gradient_client.client import DEFAULT_MAX_MESSAGE_MB, check_message_mb
-from gradient_client.tensors import TensorFormatError
-from gradient_client.wire import WireFormatError, WireMessage
+from gradient_client.wire import WireMessage
 
 from .calllog import CallLog
+from .calls import CallGuard, status_of
 from .engine import Engine, Limits
-from .errors import DeadlineExceeded, GraphError, LimitExceeded, UnknownGraph
+from .errors import GraphError, LimitExceeded
 from .gradcheck import CheckSettings, check_gradient
 from .ir import Graph, canonical_attr, encode_attr, encode_graph
 from .ops import OPS, AttrSpec, OpDef
 from .ops.base import REQUIRED
-
-log = logging.getLogger("gradient_server")
+from .session import run_session
 
 SERVICE = service_pb2.DESCRIPTOR.services_by_name["GradientService"]
 SERVICE_NAME = SERVICE.full_name
-LISTS = service_pb2.PAYLOAD_FORM_LISTS
-
-
-class Cancelled(Exception):
-    """The client went away; nobody will read the answer."""
-
-
-class CallGuard:
-    """A call's deadline and cancellation, checked between ops without taking a lock per op.
-
-    The deadline is fixed once as a monotonic time. Whether the client is still there is
-    asked of gRPC (which takes the call's lock) at most once per CANCEL_PROBE seconds of
-    work, so short calls never ask and a cancelled long one stops within that time.
-    """
-
-    __slots__ = ("_context", "_deadline", "_next_probe")
-
-    CANCEL_PROBE = 0.005
-
-    def __init__(self, context: grpc.ServicerContext):
-        now = time.monotonic()
-        self._context = context
-        self._deadline = now + context.time_remaining()
-        self._next_probe = now + self.CANCEL_PROBE
-
-    def check(self) -> None:
-        """DeadlineExceeded once the deadline has passed; Cancelled once the call has ended."""
-        now = time.monotonic()
-        if now > self._deadline:
-            raise DeadlineExceeded
-        if now >= self._next_probe:
-            self._next_probe = now + self.CANCEL_PROBE
-            if not self._context.is_active():
-                raise Cancelled
-
-
-def status_of(error: BaseException, method: str) -> tuple[grpc.StatusCode, str]:
-    """The status code and message of a failure: the one place errors map to codes."""
-    if isinstance(error, GraphError | TensorFormatError | WireFormatError):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(error)
-    if isinstance(error, UnknownGraph):
-        return grpc.StatusCode.NOT_FOUND, str(error)
-    if isinstance(error, LimitExceeded):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)
-    if isinstance(error, MemoryError):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, "the server ran out of memory"
-    if isinstance(error, DeadlineExceeded):
-        return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded; work stopped"
-    if isinstance(error, Cancelled):
-        return grpc.StatusCode.CANCELLED, "cancelled by the client"
-    # A bug: the trace goes to the log, a short message to the client.
-    log.error("%s failed", method, exc_info=error)
-    return grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__})"
 
 
 @dataclass(frozen=True)
@@ -127,8 +72,6 @@ class GradientServicer:
 
     def method_handlers(self) -> dict[str, grpc.RpcMethodHandler]:
         """A raw-bytes handler for every RPC of the service, by method name."""
-        from .session import run_session  # the session module builds on this one
-
         handlers = {
             method.name: grpc.unary_unary_rpc_method_handler(self._unary(method))
             for method in (
@@ -160,8 +103,9 @@ class GradientServicer:
             try:
                 request = wire.decode(data, method.request_type)
                 response = method.run(request, guard.check)
-                as_lists = getattr(request.fields, "response_payload", 0) == LISTS
-                encoded = wire.encode(response, as_lists=as_lists)
+                payload = getattr(request.fields, "response_payload", 0)
+                lists = payload == service_pb2.PAYLOAD_FORM_LISTS
+                encoded = wire.encode(response, as_lists=lists)
                 self._check_response_size(len(encoded))
                 call_log.ok(method.name, start, context)
                 return encoded

@@ -13,6 +13,7 @@ import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
@@ -22,9 +23,13 @@ from gradient_client import wire
 from gradient_client.tensors import TensorFormatError
 from gradient_client.wire import WireFormatError, WireMessage
 
+from .calls import CallGuard, Cancelled, status_of
 from .errors import DeadlineExceeded, GraphError, LimitExceeded
 from .ir import Graph
-from .service import LISTS, CallGuard, Cancelled, GradientServicer, status_of
+
+if TYPE_CHECKING:
+    from .service import GradientServicer
+
 
 METHOD = "Session"
 
@@ -150,7 +155,7 @@ class _Session:
             fields.output,
             tuple(fields.wrt),
             tuple(fields.fetch),
-            fields.response_payload == LISTS,
+            fields.response_payload == service_pb2.PAYLOAD_FORM_LISTS,
             wire.chunk_budget(limit),
             fields.stop_on_error,
         )

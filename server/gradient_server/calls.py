@@ -1,0 +1,70 @@
+"""One call's lifetime: its deadline and cancellation, and how its failure maps to a status.
+
+The one place errors map to gRPC status codes (unary calls and Session streams alike).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import grpc
+
+from gradient_client.tensors import TensorFormatError
+from gradient_client.wire import WireFormatError
+
+from .errors import DeadlineExceeded, GraphError, LimitExceeded, UnknownGraph
+
+log = logging.getLogger("gradient_server")
+
+
+class Cancelled(Exception):
+    """The client went away; nobody will read the answer."""
+
+
+class CallGuard:
+    """A call's deadline and cancellation, checked between ops without taking a lock per op.
+
+    The deadline is fixed once as a monotonic time. Whether the client is still there is
+    asked of gRPC (which takes the call's lock) at most once per CANCEL_PROBE seconds of
+    work, so short calls never ask and a cancelled long one stops within that time.
+    """
+
+    __slots__ = ("_context", "_deadline", "_next_probe")
+
+    CANCEL_PROBE = 0.005
+
+    def __init__(self, context: grpc.ServicerContext):
+        now = time.monotonic()
+        self._context = context
+        self._deadline = now + context.time_remaining()
+        self._next_probe = now + self.CANCEL_PROBE
+
+    def check(self) -> None:
+        """DeadlineExceeded once the deadline has passed; Cancelled once the call has ended."""
+        now = time.monotonic()
+        if now > self._deadline:
+            raise DeadlineExceeded
+        if now >= self._next_probe:
+            self._next_probe = now + self.CANCEL_PROBE
+            if not self._context.is_active():
+                raise Cancelled
+
+
+def status_of(error: BaseException, method: str) -> tuple[grpc.StatusCode, str]:
+    """The status code and message of a failure: the one place errors map to codes."""
+    if isinstance(error, GraphError | TensorFormatError | WireFormatError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(error)
+    if isinstance(error, UnknownGraph):
+        return grpc.StatusCode.NOT_FOUND, str(error)
+    if isinstance(error, LimitExceeded):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)
+    if isinstance(error, MemoryError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, "the server ran out of memory"
+    if isinstance(error, DeadlineExceeded):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded; work stopped"
+    if isinstance(error, Cancelled):
+        return grpc.StatusCode.CANCELLED, "cancelled by the client"
+    # A bug: the trace goes to the log, a short message to the client.
+    log.error("%s failed", method, exc_info=error)
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__})"
