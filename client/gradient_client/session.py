@@ -464,11 +464,6 @@ class AsyncSession:
                 self._end(_stream_error(error))
         if self._reader is not None:
             await self._reader
-        else:
-            try:
-                await self._call.code()
-            except Exception:  # noqa: BLE001
-                pass
         code = await self._call.code()
         if code not in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED):
             raise GradientError(code, await self._call.details() or "")
