@@ -373,6 +373,67 @@ def test_shutdown_with_several_health_watchers_exits(tmp_path):
     assert "Traceback" not in log, log
 
 
+def test_shutdown_ends_watch_streams_and_idle_sessions_and_exits_when_the_last_call_ends(
+    tmp_path,
+):
+    """SIGTERM with a 30 s grace period: a Watch stream its client never closes gets
+    NOT_SERVING and ends, an idle session is ended, a new call is refused, the call in flight
+    finishes, and the process exits 0 about as soon as it has (not after the grace period)."""
+    server = ServerProcess(tmp_path / "server.log", "--grace", "30")
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            health = server.wait_serving(channel)
+            watch = health.Watch(health_pb2.HealthCheckRequest(service=SERVICE), timeout=60)
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+            with GradientClient(server.target, timeout=60) as remote:
+                idle = remote.session(lecture_graph(), "f")
+                assert float(idle.gradient({"x": -2.0, "y": 5.0, "z": -4.0}).values["f"]) == -12
+                w = np.eye(300)
+                probe, probe_last = matmul_chain(200)
+                remote.forward(probe, {"w": w}, fetch=[probe_last])  # warm up
+                tick = time.perf_counter()
+                remote.forward(probe, {"w": w}, fetch=[probe_last])
+                per_op = max((time.perf_counter() - tick) / 200, 1e-5)
+                g, last = matmul_chain(max(200, min(100_000, int(1.5 / per_op))))
+                outcome: dict[str, object] = {}
+
+                def in_flight():
+                    try:
+                        outcome["value"] = remote.forward(g, {"w": w}, fetch=[last])[last]
+                    except BaseException as e:  # noqa: BLE001
+                        outcome["error"] = e
+                    outcome["done"] = time.monotonic()
+
+                worker = threading.Thread(target=in_flight)
+                worker.start()
+                time.sleep(0.3)
+                signalled = time.monotonic()
+                server.process.send_signal(signal.SIGTERM)
+
+                assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+                with pytest.raises(StopIteration):  # the server ended the stream
+                    next(watch)
+                with pytest.raises(GradientError) as refused:
+                    idle.gradient({"x": 1.0, "y": 1.0, "z": 1.0})
+                ended = (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+                assert refused.value.code in ended
+                idle.cancel()
+                with pytest.raises(GradientError) as late:
+                    with GradientClient(server.target, timeout=5) as newcomer:
+                        newcomer.gradient(lecture_graph(), "f", {"x": 1.0, "y": 1.0, "z": 1.0})
+                assert late.value.code == grpc.StatusCode.UNAVAILABLE
+                worker.join(timeout=60)
+        assert "error" not in outcome, outcome.get("error")
+        assert outcome["done"] > signalled, "the call should still run at SIGTERM"
+        assert np.array_equal(outcome["value"], np.eye(300))
+        assert server.process.wait(timeout=30) == 0
+        exited = time.monotonic()
+        assert exited - outcome["done"] < 2.5, f"exited {exited - outcome['done']:.2f} s late"
+    finally:
+        log = server.close()
+    assert "Traceback" not in log, log
+
+
 def test_console_command_refuses_a_taken_port():
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

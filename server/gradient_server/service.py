@@ -67,6 +67,8 @@ class GradientServicer:
         ).SerializeToString()
         self.sessions = threading.BoundedSemaphore(max_sessions)
         self.max_sessions = max_sessions
+        self.open_sessions: set = set()  # the _Session of each open stream (session.py)
+        self.shutting_down = False
 
     # -- the handlers ----------------------------------------------------------------------
 
@@ -120,6 +122,13 @@ class GradientServicer:
     def _list_ops_handler(self, data: bytes, context: grpc.ServicerContext) -> bytes:
         self.call_log.ok("ListOps", time.perf_counter(), context)
         return self._list_ops
+
+    def begin_shutdown(self) -> None:
+        """Tell open sessions to end: a session waiting for its client's next message is
+        cancelled now; one running steps ends, UNAVAILABLE, once their results are sent."""
+        self.shutting_down = True
+        for session in list(self.open_sessions):
+            session.end_if_idle()
 
     def _check_response_size(self, size: int) -> None:
         if size > self.max_message_bytes:
@@ -298,20 +307,44 @@ class _HealthServicer(health.HealthServicer):
         self._update({service: status})
 
     def enter_graceful_shutdown(self) -> None:
-        """Turn every service NOT_SERVING for good, and tell the watchers."""
+        """Turn every service NOT_SERVING for good, tell the watchers, and end their streams
+        (so that an open Watch does not hold the server for its whole grace period)."""
         with self._lock:
             services = list(self._server_status)
         self._update({s: health_pb2.HealthCheckResponse.NOT_SERVING for s in services})
         with self._lock:
             self._gracefully_shutting_down = True
+            watchers = []
+            for callbacks in self._send_response_callbacks.values():
+                watchers += callbacks
+                callbacks.clear()
+        for callback in watchers:
+            callback(None)  # ends the stream, OK: its watcher has seen NOT_SERVING
+
+    def _on_close_callback(self, send_response_callback, service):
+        def closed() -> None:
+            with self._lock:
+                callbacks = self._send_response_callbacks.get(service, set())
+                if send_response_callback not in callbacks:
+                    return  # its stream was already ended at shutdown
+                callbacks.discard(send_response_callback)
+            send_response_callback(None)
+
+        return closed
 
 
 class GradientServer:
     """A running gRPC server with the gradient, health and reflection services."""
 
-    def __init__(self, server: grpc.Server, health_servicer: health.HealthServicer):
+    def __init__(
+        self,
+        server: grpc.Server,
+        health_servicer: _HealthServicer,
+        servicer: GradientServicer,
+    ):
         self.grpc_server = server
         self.health = health_servicer
+        self.servicer = servicer
 
     def start(self) -> None:
         """Start serving and report SERVING on the health service."""
@@ -320,9 +353,13 @@ class GradientServer:
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
 
     def stop(self, grace: float | None = 5.0) -> None:
-        """Turn health NOT_SERVING, refuse new calls, let in-flight calls finish within `grace`."""
+        """Turn health NOT_SERVING (ending Watch streams), refuse new calls, tell open
+        sessions to end, and let in-flight calls finish within `grace`; returns as soon as the
+        last one has."""
         self.health.enter_graceful_shutdown()
-        self.grpc_server.stop(grace).wait()
+        stopped = self.grpc_server.stop(grace)
+        self.servicer.begin_shutdown()
+        stopped.wait()
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
         """Block until the server stops (or the timeout passes)."""
@@ -381,4 +418,4 @@ def create_server(
         port = 0
     if port == 0:
         raise OSError(f"could not bind {address} (address in use or not available)")
-    return GradientServer(server, health_servicer), port
+    return GradientServer(server, health_servicer, servicer), port

@@ -70,9 +70,10 @@ def run_session(
             METHOD, start, context, grpc.StatusCode.RESOURCE_EXHAUSTED, details
         )
         context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, details)
-    guard = CallGuard(context)
+    session = _Session(servicer, CallGuard(context), context)
+    servicer.open_sessions.add(session)
     try:
-        yield from _Session(servicer, guard).serve(requests)
+        yield from session.serve(requests)
     except _EndStream as end:
         code, details = end.code, end.details
     except grpc.RpcError:  # the request stream broke: the client cancelled or went away
@@ -87,47 +88,67 @@ def run_session(
             return
         code, details = status_of(Cancelled(), METHOD)
     finally:
+        servicer.open_sessions.discard(session)
         servicer.sessions.release()
     servicer.call_log.failed(METHOD, start, context, code, details)
     context.abort(code, details)
 
 
 class _Session:
-    def __init__(self, servicer: GradientServicer, guard: CallGuard):
+    def __init__(self, servicer: GradientServicer, guard: CallGuard, context: grpc.ServicerContext):
         self.servicer = servicer
         self.engine = servicer.engine
         self.guard = guard
+        self.context = context
         self.spec: _Spec | None = None
         self.chunks = wire.ChunkAssembler(self._check_chunked_size)
         self.first_response = True
+        self.busy = False  # handling a message (not waiting for the next)
+
+    def end_if_idle(self) -> None:
+        """At shutdown: cancel the stream if it waits for its client (a busy one ends itself
+        after its current message)."""
+        if not self.busy:
+            self.context.cancel()
 
     def serve(self, requests: Iterator[bytes]) -> Iterator[bytes]:
         for data in requests:
-            try:
-                message = wire.decode(data, service_pb2.SessionRequest)
-            except (WireFormatError, TensorFormatError) as e:
+            self.busy = True
+            yield from self._handle(data)
+            self.busy = False
+            if self.servicer.shutting_down:
                 raise _EndStream(
-                    grpc.StatusCode.INVALID_ARGUMENT, f"a session message does not parse: {e}"
-                ) from None
-            for start in message.nested.get("start", ()):
-                self._open(start)
-            for chunk in message.nested.get("chunks", ()):
-                self.chunks.add(chunk)
-            steps = message.nested.get("steps", ())
-            if steps and self.spec is None:
-                raise _EndStream(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    "the first message of a session must carry `start` (the graph, output, "
-                    "wrt and fetch)",
+                    grpc.StatusCode.UNAVAILABLE,
+                    "the server is shutting down: open a new session (on another replica)",
                 )
-            results = []
-            try:
-                for step in steps:
-                    results.append(self._step(step))
-            except _EndStream:  # stop_on_error: the steps before the failure are answered
-                yield from self._responses(results)
-                raise
+
+    def _handle(self, data: bytes) -> Iterator[bytes]:
+        """The responses to one message of the client."""
+        try:
+            message = wire.decode(data, service_pb2.SessionRequest)
+        except (WireFormatError, TensorFormatError) as e:
+            raise _EndStream(
+                grpc.StatusCode.INVALID_ARGUMENT, f"a session message does not parse: {e}"
+            ) from None
+        for start in message.nested.get("start", ()):
+            self._open(start)
+        for chunk in message.nested.get("chunks", ()):
+            self.chunks.add(chunk)
+        steps = message.nested.get("steps", ())
+        if steps and self.spec is None:
+            raise _EndStream(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "the first message of a session must carry `start` (the graph, output, "
+                "wrt and fetch)",
+            )
+        results = []
+        try:
+            for step in steps:
+                results.append(self._step(step))
+        except _EndStream:  # stop_on_error: the steps before the failure are answered
             yield from self._responses(results)
+            raise
+        yield from self._responses(results)
 
     # -- the start -------------------------------------------------------------------------
 
