@@ -434,6 +434,62 @@ def test_shutdown_ends_watch_streams_and_idle_sessions_and_exits_when_the_last_c
     assert "Traceback" not in log, log
 
 
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as children:
+        return [int(child) for child in children.read().split()]
+
+
+def test_a_killed_worker_is_replaced_and_sigterm_drains_them_all(tmp_path):
+    server = ServerProcess(tmp_path / "server.log", "--workers", "2", "--grace", "30")
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            server.wait_serving(channel)
+            deadline = time.monotonic() + 30
+            while len(_children(server.process.pid)) < 2:
+                assert time.monotonic() < deadline, "never two workers"
+                time.sleep(0.05)
+            first, second = _children(server.process.pid)
+            os.kill(first, signal.SIGKILL)
+            while True:  # a new worker takes the dead one's place
+                workers = _children(server.process.pid)
+                if len(workers) == 2 and first not in workers:
+                    break
+                assert time.monotonic() < deadline, f"not replaced: {workers}"
+                time.sleep(0.05)
+            assert second in workers
+            with GradientClient(server.target, timeout=30, connections=4) as client:
+                for _ in range(8):  # every connection, whichever worker it reached
+                    r = client.gradient(lecture_graph(), "f", {"x": -2.0, "y": 5.0, "z": -4.0})
+                    assert float(r.gradients["x"]) == -4.0
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=30) == 0
+        for worker in workers:
+            assert (
+                not Path(f"/proc/{worker}").exists()
+                or "Z" in Path(f"/proc/{worker}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            )
+    finally:
+        log = server.close()
+    assert "was killed by SIGKILL; restarting it" in log, log
+    assert "Traceback" not in log, log
+
+
+def test_workers_that_keep_dying_at_start_make_the_server_give_up():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "gradient_server.main", "--port", str(port), "--workers", "2"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 1, done.stderr
+    assert "at start 5 times in a row: giving up" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_console_command_refuses_a_taken_port():
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import threading
+import time
 import warnings
 
 from gradient_client.client import DEFAULT_MAX_MESSAGE_MB, check_message_mb
@@ -107,6 +109,9 @@ def serve(args: argparse.Namespace) -> None:
     # numpy warns on stderr about requests' values (e.g. the mean of an empty slice is nan);
     # those results are the client's to see, not the operator's log.
     warnings.filterwarnings("ignore", category=RuntimeWarning)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
     limits = Limits(
         args.max_nodes, args.max_tensor_elements, args.max_bytes, args.max_check_evaluations
     )
@@ -123,14 +128,99 @@ def serve(args: argparse.Namespace) -> None:
     except OSError as e:
         log.error("%s", e)
         raise SystemExit(1) from None
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
     server.start()
     log.info("serving gradient.v1.GradientService on %s:%d (pid %d)", args.host, port, os.getpid())
     stop.wait()
     log.info("shutting down: health NOT_SERVING, in-flight calls get %.0f s", args.grace)
     server.stop(args.grace)
+
+
+RESTART_BACKOFF = (0.1, 10.0)
+"""Seconds before a dead worker is restarted: the first wait, doubling up to the second."""
+
+EARLY_DEATH = 5.0
+"""A worker that dies within this many seconds of its start died at start."""
+
+EARLY_DEATHS_ALLOWED = 5
+"""Consecutive deaths at start of one worker after which the server gives up (exit 1)."""
+
+
+def _why(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        return f"was killed by {signal.Signals(-exitcode).name}"
+    return f"exited with status {exitcode}"
+
+
+def supervise(args: argparse.Namespace) -> int:
+    """Run `args.workers` server processes sharing the port, restarting any that dies, until
+    SIGTERM or SIGINT (forwarded to each, which drains); the exit status of the whole."""
+    # Workers are forked while this process holds no gRPC object (gRPC is not fork-safe).
+    context = multiprocessing.get_context("fork")
+    stopping = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda signum, _frame: stopping.set())
+    workers: dict[int, multiprocessing.process.BaseProcess] = {}
+    started: dict[int, float] = {}
+    early_deaths = dict.fromkeys(range(args.workers), 0)
+    restarts: dict[int, float] = {}  # slot -> when to start it again
+
+    def start(slot: int) -> None:
+        worker = context.Process(target=serve, args=(args,), name=f"gradient-worker-{slot}")
+        worker.start()
+        workers[slot], started[slot] = worker, time.monotonic()
+
+    for slot in range(args.workers):
+        start(slot)
+    forwarded = False
+    while workers or (restarts and not stopping.is_set()):
+        if stopping.is_set() and not forwarded:
+            log.info("stopping %d workers (each drains its calls)", len(workers))
+            for worker in workers.values():
+                if worker.pid is not None:
+                    os.kill(worker.pid, signal.SIGTERM)
+            restarts.clear()
+            forwarded = True
+        multiprocessing.connection.wait([w.sentinel for w in workers.values()], timeout=0.2)
+        now = time.monotonic()
+        for slot, worker in list(workers.items()):
+            if worker.is_alive():
+                continue
+            del workers[slot]
+            if stopping.is_set():
+                if worker.exitcode:
+                    log.warning("worker %d (pid %d) %s", slot, worker.pid, _why(worker.exitcode))
+                continue
+            early = now - started[slot] < EARLY_DEATH
+            early_deaths[slot] = early_deaths[slot] + 1 if early else 0
+            if early_deaths[slot] >= EARLY_DEATHS_ALLOWED:
+                log.error(
+                    "worker %d %s at start %d times in a row: giving up",
+                    slot,
+                    _why(worker.exitcode),
+                    early_deaths[slot],
+                )
+                stopping.set()
+                for other in workers.values():
+                    if other.pid is not None:
+                        os.kill(other.pid, signal.SIGTERM)
+                for other in workers.values():
+                    other.join()
+                return 1
+            first, most = RESTART_BACKOFF
+            delay = min(first * 2 ** max(early_deaths[slot] - 1, 0), most)
+            log.warning(
+                "worker %d (pid %d) %s; restarting it in %.1f s",
+                slot,
+                worker.pid,
+                _why(worker.exitcode),
+                delay,
+            )
+            restarts[slot] = now + delay
+        for slot, when in list(restarts.items()):
+            if now >= when and not stopping.is_set():
+                del restarts[slot]
+                start(slot)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -142,21 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.workers <= 1:
         serve(args)
         return
-    # Fork the workers before any gRPC object exists in this process (gRPC is not fork-safe).
-    context = multiprocessing.get_context("fork")
-    workers = [context.Process(target=serve, args=(args,)) for _ in range(args.workers)]
-    for worker in workers:
-        worker.start()
-
-    def forward(signum: int, _frame: object) -> None:
-        for worker in workers:
-            if worker.pid is not None and worker.is_alive():
-                os.kill(worker.pid, signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    for worker in workers:
-        worker.join()
+    raise SystemExit(supervise(args))
 
 
 if __name__ == "__main__":
