@@ -15,6 +15,7 @@ from gradient.v1 import gradient_service_pb2 as service_pb2
 from gradient.v1 import gradient_service_pb2_grpc as service_grpc
 from gradient.v1 import graph_pb2, tensor_pb2
 from gradient_client import GradientClient, GradientError, Graph, to_proto
+from gradient_server.calls import bounded
 from gradient_server.engine import Limits
 from gradient_server.service import create_server
 
@@ -721,3 +722,46 @@ def test_kernels_with_too_many_positions_are_invalid_arguments(client):
     expect_error(
         client, lambda: client.forward(g, {"g": np.ones((1, 1, 1, 1))}), "'bad'", "positions"
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Status messages stay bounded: gRPC clients drop a status message near 16 KiB (and report
+# RESOURCE_EXHAUSTED instead of the server's code), so whatever a request echoes is cut
+
+
+def _cycle(length: int) -> graph_pb2.Graph:
+    return graph_of(*(node(f"n{i}", "neg", f"n{(i + 1) % length}") for i in range(length)))
+
+
+def _long_list_reshape() -> graph_pb2.Graph:
+    reshape = node("r", "reshape", "x")
+    reshape.attrs["shape"].ints.values.extend([1] * 1_000_000)
+    return graph_of(node("x", "input"), reshape)
+
+
+@pytest.mark.parametrize(
+    "graph, fragments",
+    [
+        (_cycle(2000), ["node 'n0' (op neg) is on a cycle", "characters cut"]),
+        (graph_of(node("x" * 100_000, "neg", "missing")), ["(op neg)", "'missing'"]),
+        (graph_of(node("a", "o" * 100_000)), ["node 'a': unknown op 'ooo"]),
+        (_long_list_reshape(), ["node 'r' (op reshape): cannot reshape [3]"]),
+    ],
+    ids=["cycle of 2000 nodes", "100 KB node name", "100 KB op name", "1M-long attribute"],
+)
+def test_status_messages_are_bounded_yet_name_the_node(client, stub, graph, fragments):
+    request = service_pb2.ForwardRequest(graph=graph, inputs={"x": to_proto(np.zeros(3))})
+    details = expect_raw_error(client, lambda: stub.Forward(request, timeout=60), *fragments)
+    assert len(details.encode()) <= 1024
+
+
+@pytest.mark.parametrize("size", [1, 1023, 1024, 1025, 5000, 100_000])
+@pytest.mark.parametrize("character", ["x", "é", "☃"])
+def test_bounded_keeps_short_messages_and_cuts_long_ones_to_1_KiB(size, character):
+    text = "start " + character * size + " end"
+    cut = bounded(text)
+    if len(text.encode()) <= 1024:
+        assert cut == text
+    else:
+        assert len(cut.encode()) <= 1024
+        assert cut.startswith("start ") and cut.endswith(" end") and "characters cut]" in cut

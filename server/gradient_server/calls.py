@@ -51,14 +51,32 @@ class CallGuard:
                 raise Cancelled
 
 
+MAX_DETAILS = 1024
+"""Bytes of a status message at most. A longer one (a huge name, a long cycle or list echoed
+from the request) is cut in its middle, keeping its start (the node and op) and its end (the
+problem): gRPC clients drop status messages near 16 KiB, and a log line should stay a line."""
+
+
+def bounded(details: str, limit: int = MAX_DETAILS) -> str:
+    """`details` cut in the middle, with an ellipsis and a count, to at most `limit` bytes."""
+    encoded = details.encode()
+    if len(encoded) <= limit:
+        return details
+    keep = limit - 48  # room for the marker
+    head = encoded[: keep * 2 // 3].decode(errors="ignore")
+    tail = encoded[len(encoded) - keep // 3 :].decode(errors="ignore")
+    cut = len(details) - len(head) - len(tail)
+    return f"{head}…[{cut} characters cut]…{tail}"
+
+
 def status_of(error: BaseException, method: str) -> tuple[grpc.StatusCode, str]:
     """The status code and message of a failure: the one place errors map to codes."""
     if isinstance(error, GraphError | TensorFormatError | WireFormatError):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(error)
+        return grpc.StatusCode.INVALID_ARGUMENT, bounded(str(error))
     if isinstance(error, UnknownGraph):
-        return grpc.StatusCode.NOT_FOUND, str(error)
+        return grpc.StatusCode.NOT_FOUND, bounded(str(error))
     if isinstance(error, LimitExceeded):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, bounded(str(error))
     if isinstance(error, MemoryError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, "the server ran out of memory"
     if isinstance(error, DeadlineExceeded):
