@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import grpc
 import numpy as np
 import pytest
@@ -49,7 +51,7 @@ def test_gradient_checks_are_charged_before_running(limited):
 
 
 def test_caches_stay_within_their_byte_budget():
-    engine = Engine(cache_bytes=3 << 20)
+    engine = Engine(cache_bytes=12 << 20)  # a quarter, 3 MiB, for the graphs
     graphs = []
     for i in range(5):
         g = Graph()
@@ -61,3 +63,53 @@ def test_caches_stay_within_their_byte_budget():
         assert out[0] == i
     cached = sum(weight for _, weight in engine._graphs._items.values())
     assert 0 < cached <= 3 << 20
+
+
+def _chain(length: int, salt: float = 0.0) -> Graph:
+    """x through `length` alternating scale and tanh nodes, summed (salt makes it distinct)."""
+    g = Graph()
+    h = g.input("x")
+    for i in range(length):
+        h = g.tanh(h) if i % 2 else h * (1.5 + salt)
+    g.sum(h, name="f")
+    return g
+
+
+def test_the_caches_weigh_entries_by_what_they_hold():
+    """The estimate of a cached graph and its gradient plan is within a factor of two of the
+    memory they really take (measured with tracemalloc)."""
+    engine = Engine()
+    message = _chain(4000).message()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        graph = engine.load_graph(message)
+        engine.gradient(graph, {"x": np.ones(3)}, "f")
+        real = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert real / 2 <= engine.cached_bytes <= real * 2, (engine.cached_bytes, real)
+
+
+def test_many_distinct_graphs_stay_within_the_cache_budget():
+    engine = Engine(cache_bytes=32 << 20)
+    for salt in range(40):  # each graph and its plans weigh about 9 MiB
+        graph = engine.load_graph(_chain(2000, salt).message())
+        result = engine.gradient(graph, {"x": np.ones(3)}, "f")
+        assert np.isfinite(result.gradients["x"]).all()
+        assert engine.cached_bytes <= 32 << 20
+
+
+def test_a_graph_heavier_than_the_graph_cache_is_served_but_not_cached():
+    engine = Engine(cache_bytes=16 << 20)  # 4 MiB for graphs: a 20,000-node chain is more
+    server, port = create_server("127.0.0.1:0", engine=engine)
+    server.start()
+    try:
+        with GradientClient(f"127.0.0.1:{port}", timeout=60) as client:
+            heavy = _chain(20_000)
+            for _ in range(2):  # sent whole both times: the server never holds it
+                result = client.forward(heavy, {"x": np.zeros(2)}, fetch=["f"])
+                assert float(result.values["f"]) == 0.0
+            assert engine.cached_bytes <= 16 << 20
+    finally:
+        server.stop(0)

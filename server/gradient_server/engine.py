@@ -49,6 +49,11 @@ class _LRU(Generic[K, V]):
         self._bytes = 0
         self._lock = threading.Lock()
 
+    @property
+    def bytes(self) -> int:
+        """The entries' weight in all."""
+        return self._bytes
+
     def get(self, key: K) -> V | None:
         """The cached value of `key`, or None."""
         with self._lock:
@@ -100,6 +105,8 @@ class _Prepared:
     skipped: dict[str, str] = field(default_factory=dict)
     default_seed: np.ndarray | None = None  # ones, for an output of one element
 
+    held_bytes = 0  # it shares its plan with a cached compiled entry
+
 
 def _signature_of(feeds: Mapping[str, np.ndarray]) -> list:
     """What a prepared call depends on in the feeds: names (in order), dtypes and shapes."""
@@ -109,12 +116,9 @@ def _signature_of(feeds: Mapping[str, np.ndarray]) -> list:
     return signature
 
 
-def _weight(graph: Graph) -> Callable[[object], int]:
-    return lambda _: graph.constant_bytes
-
-
-def _unweighed(_: object) -> int:  # a prepared call shares its plan with a weighed entry
-    return 0
+def _held(value: object) -> int:
+    """The bytes a cached value holds (it says so in its held_bytes)."""
+    return value.held_bytes  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)
@@ -122,6 +126,10 @@ class _GradientPlan:
     plan: Plan
     combined: GradientGraph
     output_type: TensorType
+
+    @property
+    def held_bytes(self) -> int:
+        return self.plan.held_bytes + self.combined.graph.held_bytes
 
 
 @dataclass(frozen=True)
@@ -132,6 +140,11 @@ class _HvpPlan:
     second_seed: str
     second_seed_type: TensorType
     gradients: dict[str, str]
+    graph: Graph  # the second-order graph the plan runs
+
+    @property
+    def held_bytes(self) -> int:
+        return self.plan.held_bytes + self.graph.held_bytes
 
 
 def check_output(graph: Graph, output: str) -> None:
@@ -149,10 +162,6 @@ def _names(graph: Graph, names: Sequence[str], what: str) -> list[str]:
     return list(dict.fromkeys(names)) if names else list(graph.nodes)
 
 
-def _graph_bytes(graph: Graph) -> int:
-    return graph.constant_bytes
-
-
 class Engine:
     """Compiles and runs graphs. Everything that depends only on the graph and the feeds'
     types is cached, so a repeated graph with new input values skips straight to numpy."""
@@ -161,9 +170,16 @@ class Engine:
         self, limits: Limits | None = None, cache_size: int = 512, cache_bytes: int = 1 << 30
     ):
         self.limits = limits or Limits()
-        # Cached graphs and plans hold the graphs' constants: the byte budget bounds those.
-        self._graphs: _LRU[str, Graph] = _LRU(cache_size, cache_bytes)
-        self._plans: _LRU[Hashable, object] = _LRU(cache_size, cache_bytes)
+        # Entries are weighed by what they hold (constants, nodes, plan steps): a quarter of
+        # the budget for decoded graphs, the rest for what is compiled from them. A graph
+        # heavier than its share is served but not cached.
+        self._graphs: _LRU[str, Graph] = _LRU(cache_size, cache_bytes // 4)
+        self._plans: _LRU[Hashable, object] = _LRU(cache_size, cache_bytes - cache_bytes // 4)
+
+    @property
+    def cached_bytes(self) -> int:
+        """What the caches hold now, in bytes (by the entries' estimates)."""
+        return self._graphs.bytes + self._plans.bytes
 
     # -- graphs ---------------------------------------------------------------------------
 
@@ -173,7 +189,7 @@ class Engine:
         """Decode and validate a Graph message, cached by its content."""
         digest = graph_digest(message)
         return self._graphs.get_or_make(
-            digest, lambda: self._decode(message, check_deadline, digest), _graph_bytes
+            digest, lambda: self._decode(message, check_deadline, digest), _held
         )
 
     def load_graph_bytes(
@@ -190,7 +206,7 @@ class Engine:
                 raise GraphError(f"the graph does not parse: {e}") from None
             return self._decode(message, check_deadline, digest)
 
-        return self._graphs.get_or_make(digest, parse, _graph_bytes)
+        return self._graphs.get_or_make(digest, parse, _held)
 
     def cached_graph(self, digest: str) -> Graph:
         """The graph with this digest, if this engine holds it; UnknownGraph otherwise."""
@@ -276,9 +292,9 @@ class Engine:
                 types = infer_types(graph, feed_types, needed, check_deadline)
                 return self._check_plan(Plan(graph, types, set(fetch_names)), types)
 
-            plan = self._plans.get_or_make(compiled_key, compile_plan, _weight(graph))
+            plan = self._plans.get_or_make(compiled_key, compile_plan, _held)
             prepared = _Prepared(plan, tuple(fetch_names))
-            self._plans.get_or_make(key, lambda: prepared, _unweighed)
+            self._plans.get_or_make(key, lambda: prepared, _held)
         assert isinstance(prepared, _Prepared)
         values = prepared.plan.run(feeds, check_deadline)
         return {name: values[name] for name in prepared.fetch}
@@ -319,7 +335,7 @@ class Engine:
             self._check_plan(plan, combined.types)
             return _GradientPlan(plan, combined, out_type)
 
-        compiled = self._plans.get_or_make(key, compile_plan, _weight(graph))
+        compiled = self._plans.get_or_make(key, compile_plan, _held)
         assert isinstance(compiled, _GradientPlan)
         return compiled
 
@@ -355,7 +371,7 @@ class Engine:
                 dict(combined.skipped),
                 _ones(out_type) if out_type.size == 1 else None,
             )
-            self._plans.get_or_make(key, lambda: prepared, _unweighed)
+            self._plans.get_or_make(key, lambda: prepared, _held)
         assert isinstance(prepared, _Prepared) and prepared.seed_type is not None
         if seed is None and prepared.default_seed is not None:
             seed_value = prepared.default_seed
@@ -430,10 +446,16 @@ class Engine:
             self._check_plan(plan, second.types)
             second_seed_type = second.types[second.seed]
             return _HvpPlan(
-                plan, combined.seed, dotted.vectors, second.seed, second_seed_type, second.gradients
+                plan,
+                combined.seed,
+                dotted.vectors,
+                second.seed,
+                second_seed_type,
+                second.gradients,
+                second.graph,
             )
 
-        compiled = self._plans.get_or_make(key, compile_plan, _weight(graph))
+        compiled = self._plans.get_or_make(key, compile_plan, _held)
         assert isinstance(compiled, _HvpPlan)
         out_type = first.output_type
         run_feeds = {

@@ -18,6 +18,10 @@ CHECK_RESULT_TYPES = os.environ.get("GRADIENT_CHECK_RESULT_TYPES") == "1"
 turns it on; a mismatch is a bug in the op table and fails the call with INTERNAL)."""
 
 
+STEP_BYTES = 400
+"""Memory a plan's step takes (its bound call and its bookkeeping), measured on chains."""
+
+
 @dataclass(frozen=True)
 class _Step:
     node: Node
@@ -59,6 +63,7 @@ class Plan:
             for step in self.steps
             if step.node.op != "input"
         )
+        self.held_bytes = STEP_BYTES * len(self.steps)
         # Every value as if none were freed, plus the largest scratch space of any one op.
         self.estimated_bytes = sum(
             types[node.name].size * types[node.name].dtype.itemsize for node in nodes

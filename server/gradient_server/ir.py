@@ -25,6 +25,9 @@ from .ops import OPS, AttrSpec, OpDef, ShapeError
 from .ops.base import REQUIRED
 from .tensor_type import TensorType
 
+NODE_BYTES = 600
+"""Memory a decoded node takes (its name, op, inputs and attributes), measured on chains."""
+
 
 @dataclass(frozen=True)
 class Node:
@@ -63,6 +66,11 @@ class Graph:
 
     def __len__(self) -> int:
         return len(self.nodes)
+
+    @property
+    def held_bytes(self) -> int:
+        """About how much memory the graph holds: its constants and its nodes."""
+        return self.constant_bytes + NODE_BYTES * len(self.nodes)
 
     def __getitem__(self, name: str) -> Node:
         return self.nodes[name]

@@ -15,7 +15,7 @@ import warnings
 from gradient_client.client import DEFAULT_MAX_MESSAGE_MB, check_message_mb
 
 from .calllog import CallLog
-from .engine import Limits
+from .engine import Engine, Limits
 from .service import create_server
 
 log = logging.getLogger("gradient_server")
@@ -62,6 +62,13 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=defaults.max_bytes,
         help="largest estimated memory of one request's values",
+    )
+    parser.add_argument(
+        "--cache-mb",
+        type=_positive,
+        default=1024,
+        help="memory of the caches of decoded graphs and compiled plans, in MiB (default "
+        "1024); a graph larger than a quarter of it is served but not cached",
     )
     parser.add_argument(
         "--max-sessions",
@@ -118,7 +125,7 @@ def serve(args: argparse.Namespace) -> None:
     try:
         server, port = create_server(
             f"{args.host}:{args.port}",
-            limits=limits,
+            engine=Engine(limits, cache_bytes=args.cache_mb << 20),
             threads=args.threads,
             max_message_mb=args.max_message_mb,
             max_sessions=args.max_sessions,
