@@ -113,3 +113,20 @@ def test_a_graph_heavier_than_the_graph_cache_is_served_but_not_cached():
             assert engine.cached_bytes <= 16 << 20
     finally:
         server.stop(0)
+
+
+def test_calls_beyond_max_concurrent_rpcs_are_refused_at_once_not_queued():
+    server, port = create_server("127.0.0.1:0", threads=2, max_concurrent_rpcs=2)
+    server.start()
+    try:
+        with GradientClient(f"127.0.0.1:{port}", timeout=30) as client:
+            g = _chain(2)
+            with client.session(g, "f") as first, client.session(g, "f") as second:
+                for session in (first, second):  # two calls now in flight
+                    assert float(session.forward({"x": np.zeros(2)}).values["f"]) == 0.0
+                details = _exhausted(lambda: client.forward(g, {"x": np.zeros(2)}))
+                assert "concurrent" in details.lower()
+            result = client.forward(g, {"x": np.zeros(2)}, fetch=["f"])  # the slots are free
+            assert float(result.values["f"]) == 0.0
+    finally:
+        server.stop(0)

@@ -64,6 +64,13 @@ def _parser() -> argparse.ArgumentParser:
         help="largest estimated memory of one request's values",
     )
     parser.add_argument(
+        "--max-concurrent-rpcs",
+        type=_positive,
+        default=64,
+        help="calls at once per process, streams included; beyond it a call is refused at "
+        "once with RESOURCE_EXHAUSTED rather than queued (default 64)",
+    )
+    parser.add_argument(
         "--cache-mb",
         type=_positive,
         default=1024,
@@ -129,6 +136,7 @@ def serve(args: argparse.Namespace) -> None:
             threads=args.threads,
             max_message_mb=args.max_message_mb,
             max_sessions=args.max_sessions,
+            max_concurrent_rpcs=args.max_concurrent_rpcs,
             reuse_port=args.workers > 1,
             call_log=CallLog(args.log_calls),
         )

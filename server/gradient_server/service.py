@@ -374,6 +374,7 @@ def create_server(
     threads: int = 8,
     max_message_mb: int = DEFAULT_MAX_MESSAGE_MB,
     max_sessions: int = 16,
+    max_concurrent_rpcs: int | None = None,
     reuse_port: bool = False,
     call_log: CallLog | None = None,
 ) -> tuple[GradientServer, int]:
@@ -381,6 +382,8 @@ def create_server(
 
     Bind "127.0.0.1:0" to get a free port (as the tests do). A session holds a thread for as
     long as its stream is open, so the pool has `threads` for calls plus one per session.
+    Beyond `max_concurrent_rpcs` calls at once (streams included), gRPC refuses a call at once
+    with RESOURCE_EXHAUSTED instead of queueing it (None: no limit).
     """
     max_bytes = check_message_mb(max_message_mb) * 1024 * 1024
     server = grpc.server(
@@ -388,6 +391,7 @@ def create_server(
             max_workers=threads + max_sessions,
             thread_name_prefix="gradient",
         ),
+        maximum_concurrent_rpcs=max_concurrent_rpcs,
         options=[
             ("grpc.max_receive_message_length", max_bytes),
             ("grpc.max_send_message_length", max_bytes),
