@@ -42,7 +42,7 @@ import autograd.numpy as anp
 import numpy as np
 import pytest
 from autograd import grad
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from gradient.v1 import graph_pb2
@@ -751,7 +751,9 @@ def check_finite_differences(client, case: Case) -> None:
     assert set(result.gradients) == set(case.floats)
     message = to_graph(case).to_proto()
     for name in case.inputs:
-        assert not moves_off_a_kink(case, name)  # the generator's premise
+        # The generator keeps operands off kinks, but some ties are structural (log_softmax
+        # of log_softmax equals it): central differences do not hold there; autograd's do.
+        assume(not moves_off_a_kink(case, name))
         numeric = numeric_gradient(message, case.inputs, name, case.output)
         np.testing.assert_allclose(
             result.gradients[name], numeric, rtol=1e-5, atol=1e-7, err_msg=f"d out / d {name}"

@@ -152,7 +152,18 @@ def array_from_data(
     array = np.ndarray(shape, numpy_dtype, buffer, offset)  # a view: read-only for bytes
     if dtype == tensor_pb2.DTYPE_BOOL and count and array.view(np.uint8).max() > 1:
         raise TensorFormatError("bool tensor data holds bytes other than 0 and 1")
-    return array
+    return array if array.flags.aligned else aligned_copy(array)
+
+
+def aligned_copy(array: np.ndarray) -> np.ndarray:
+    """A read-only copy of an array whose data is not aligned for its dtype.
+
+    numpy computes on unaligned data by other routes (no BLAS, other loops), which are slower
+    and may round differently: results would depend on where a tensor lay in its message.
+    """
+    copy = array.copy()
+    copy.flags.writeable = False
+    return copy
 
 
 def from_proto(tensor: tensor_pb2.Tensor, *, writeable: bool = False) -> np.ndarray:

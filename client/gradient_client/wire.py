@@ -32,6 +32,7 @@ from gradient.v1 import gradient_service_pb2, graph_pb2, tensor_pb2
 
 from .tensors import (
     TensorFormatError,
+    aligned_copy,
     array_from_data,
     dtype_and_count,
     from_proto,
@@ -186,19 +187,49 @@ _SMALL = 1024
 _CACHED = 4096
 """Entries of each small cache of this module (shapes and names repeat from call to call)."""
 
-_prefixes: dict[tuple[int, str | None, np.dtype, tuple[int, ...]], bytes] = {}
+_prefixes: dict[tuple, bytes] = {}
 
 
-def _tensor_prefix(number: int, key: str | None, wire: int, shape: tuple[int, ...], nbytes: int):
+def _tensor_prefix(
+    number: int, key: str | None, wire: int, shape: tuple[int, ...], nbytes: int, start: int
+) -> bytes:
     """The bytes of a Tensor field (or of a map entry holding one) that precede its payload:
-    tag and length, the key, then the Tensor's fields 1 (dtype), 2 (shape) and 3's tag."""
+    tag and length, the key, then the Tensor's fields 1 (dtype), 2 (shape), 7 (padding, when
+    needed) and 3's tag and length. The padding makes the payload start, `start` being where
+    the prefix starts in the message, at an offset that is a multiple of the item size."""
     header = b"\x08" + _ONE_BYTE[wire]
     if shape:
         dims = b"".join(_varint(d) for d in shape)
         header += b"\x12" + _varint(len(dims)) + dims
+    align = _ITEM_SIZE[wire] if nbytes else 1
+    padding: int | None = None  # bytes in the padding field, if it is there
+    for _ in range(8):  # each try settles the lengths that the padding may lengthen
+        prefix = _assemble(number, key, header, padding, nbytes)
+        short = -(start + len(prefix)) % align
+        if not short:
+            break
+        padding = (short - 2) % align if padding is None else padding + short
+    return prefix
+
+
+_ITEM_SIZE: dict[int, int] = {
+    tensor_pb2.DTYPE_FLOAT32: 4,
+    tensor_pb2.DTYPE_FLOAT64: 8,
+    tensor_pb2.DTYPE_INT32: 4,
+    tensor_pb2.DTYPE_INT64: 8,
+    tensor_pb2.DTYPE_BOOL: 1,
+}
+
+
+def _assemble(
+    number: int, key: str | None, header: bytes, padding: int | None, nbytes: int
+) -> bytes:
+    fields = header
+    if padding is not None:
+        fields += b"\x3a" + _varint(padding) + bytes(padding)
     if nbytes:
-        header += b"\x1a" + _varint(nbytes)
-    tensor = _varint(len(header) + nbytes) + header
+        fields += b"\x1a" + _varint(nbytes)
+    tensor = _varint(len(fields) + nbytes) + fields
     if key is None:
         return _tag(number) + tensor
     raw_key = key.encode()
@@ -206,16 +237,17 @@ def _tensor_prefix(number: int, key: str | None, wire: int, shape: tuple[int, ..
     return _tag(number) + _varint(len(entry) + nbytes) + entry
 
 
-def _tensor_field(number: int, key: str | None, value: Any) -> tuple[bytes, Any]:
-    """A Tensor field (or map entry) as (prefix, payload): the payload is the array's memory,
-    copied once by the join that builds the message (an array that is not little-endian and
-    C-contiguous is first made so, the one copy numpy needs)."""
+def _tensor_field(number: int, key: str | None, value: Any, start: int) -> tuple[bytes, Any]:
+    """A Tensor field (or map entry) starting at offset `start` of the message, as (prefix,
+    payload): the payload is the array's memory, copied once by the join that builds the
+    message (an array that is not little-endian and C-contiguous is first made so, the one
+    copy numpy needs), and lands aligned for its dtype."""
     array = value if isinstance(value, np.ndarray) else np.asarray(value)
-    cache_key = (number, key, array.dtype, array.shape)
+    cache_key = (number, key, array.dtype, array.shape, start % 8)
     prefix = _prefixes.get(cache_key)
     if prefix is None or not array.flags.c_contiguous:
         wire, ready = wire_array(array)
-        prefix = _tensor_prefix(number, key, wire, ready.shape, ready.nbytes)
+        prefix = _tensor_prefix(number, key, wire, ready.shape, ready.nbytes, start)
         if ready is array:  # the prefix holds for every array of this dtype and shape
             if len(_prefixes) >= _CACHED:
                 _prefixes.clear()
@@ -226,8 +258,9 @@ def _tensor_field(number: int, key: str | None, value: Any) -> tuple[bytes, Any]
     return prefix, array.data.cast("B")
 
 
-def _parts(message: WireMessage, as_lists: bool) -> tuple[list[Any], int]:
-    """The buffers whose concatenation is the message, and their total length."""
+def _parts(message: WireMessage, as_lists: bool, start: int = 0) -> tuple[list[Any], int]:
+    """The buffers whose concatenation is the message, and their total length; `start` is
+    where the message begins in the bytes sent (payloads are aligned in those)."""
     fields_by_name = message.fields.DESCRIPTOR.fields_by_name
     plain = message.fields
     if as_lists and message.tensors:
@@ -242,23 +275,33 @@ def _parts(message: WireMessage, as_lists: bool) -> tuple[list[Any], int]:
                 target.CopyFrom(to_proto(value, as_lists=True))
     head = plain.SerializeToString()
     parts: list[Any] = [head]
+    position = start + len(head)
     if not as_lists:
         for name, value in message.tensors.items():
             number = fields_by_name[name].number
-            if isinstance(value, Mapping):
-                for key, array in value.items():
-                    parts += _tensor_field(number, key, array)
-            else:
-                parts += _tensor_field(number, None, value)
+            entries = value.items() if isinstance(value, Mapping) else [(None, value)]
+            for key, array in entries:
+                prefix, payload = _tensor_field(number, key, array, position)
+                parts += (prefix, payload)
+                position += len(prefix) + len(payload)
     for name, occurrences in message.nested.items():
-        number = fields_by_name[name].number
+        tag = _tag(fields_by_name[name].number)
         for occurrence in occurrences:
-            inner, inner_size = _parts(occurrence, as_lists)
-            parts.append(_tag(number) + _varint(inner_size))
+            length_bytes = 1
+            for _ in range(4):  # the inner payloads' alignment depends on the length's size
+                inner, inner_size = _parts(occurrence, as_lists, position + len(tag) + length_bytes)
+                length = _varint(inner_size)
+                if len(length) == length_bytes:
+                    break
+                length_bytes = len(length)
+            parts.append(tag + length)
             parts += inner
+            position += len(tag) + len(length) + inner_size
     for name, value in message.raw.items():
-        parts += (_tag(fields_by_name[name].number) + _varint(len(value)), value)
-    return parts, sum(map(len, parts))
+        prefix = _tag(fields_by_name[name].number) + _varint(len(value))
+        parts += (prefix, value)
+        position += len(prefix) + len(value)
+    return parts, position - start
 
 
 def encode(message: WireMessage, *, as_lists: bool = False) -> bytes:
@@ -358,8 +401,9 @@ def _scan(data: bytes, spans: list[tuple[int, int]]):
 
 
 def _canonical_tensor(data: bytes, pos: int, end: int) -> tuple | None:
-    """(dtype, shape, payload offset, payload length) of a Tensor laid out as protobuf writes
-    it (fields 1, 2 packed and 3, in order, each at most once, nothing else), else None."""
+    """(dtype, shape, payload offset, payload length) of a Tensor laid out as the SDK and
+    protobuf write it (fields 1, 2 packed, 7 and 3, in order, each at most once, nothing
+    else), else None."""
     dtype, offset, nbytes = 0, 0, 0
     shape: tuple[int, ...] = ()
     if pos < end and data[pos] == 0x08:
@@ -377,6 +421,11 @@ def _canonical_tensor(data: bytes, pos: int, end: int) -> tuple | None:
         if dims and max(dims) >= 0x80:  # a dimension of two or more bytes
             return None
         shape, pos = tuple(dims), stop
+    if pos < end and data[pos] == 0x3A:  # padding, which aligns the payload
+        length = data[pos + 1]
+        if length >= 0x80:
+            return None
+        pos += 2 + length
     if pos < end and data[pos] == 0x1A:
         nbytes = data[pos + 1]
         if nbytes < 0x80:
@@ -407,7 +456,9 @@ def _tensor_fields(data: bytes, spans: list[tuple[int, int]], where: str) -> tup
             shape.append(_read_varint(data, value_start)[0])
         elif number == 3 and wire_type == _LEN:
             offset, nbytes = value_start, end - value_start
-        elif number in (1, 2, 3):
+        elif number == 7 and wire_type == _LEN:
+            pass  # padding, which aligns the payload
+        elif number in (1, 2, 3, 7):
             raise WireFormatError(f"{where}: tensor field {number} has wire type {wire_type}")
         elif number in (4, 5, 6):
             return None
@@ -657,16 +708,21 @@ def _remember_layout(data: bytes, message_type: Any, message: WireMessage) -> No
     _layouts[(message_type, len(data))] = layout
 
 
+def _view(data: bytes, offset: int, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    array = np.ndarray(shape, dtype, data, offset)
+    return array if array.flags.aligned else aligned_copy(array)
+
+
 def _rebuild(template: tuple, data: bytes) -> WireMessage:
     fields, tensors, nested, raw = template
     message = WireMessage(fields)
     for name, single, entries in tensors:
         if single:
             _, offset, dtype, shape = entries[0]
-            message.tensors[name] = np.ndarray(shape, dtype, data, offset)
+            message.tensors[name] = _view(data, offset, dtype, shape)
         else:
             message.tensors[name] = {
-                key: np.ndarray(shape, dtype, data, offset) for key, offset, dtype, shape in entries
+                key: _view(data, offset, dtype, shape) for key, offset, dtype, shape in entries
             }
     for name, templates in nested:
         message.nested[name] = [_rebuild(t, data) for t in templates]

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18gradient/v1/tensor.proto\x12\x0bgradient.v1\"\x87\x01\n\x06Tensor\x12!\n\x05\x64type\x18\x01 \x01(\x0e\x32\x12.gradient.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x14\n\x0c\x66loat_values\x18\x04 \x03(\x01\x12\x12\n\nint_values\x18\x05 \x03(\x03\x12\x13\n\x0b\x62ool_values\x18\x06 \x03(\x08*v\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT64\x10\x02\x12\x0f\n\x0b\x44TYPE_INT32\x10\x03\x12\x0f\n\x0b\x44TYPE_INT64\x10\x04\x12\x0e\n\nDTYPE_BOOL\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18gradient/v1/tensor.proto\x12\x0bgradient.v1\"\x98\x01\n\x06Tensor\x12!\n\x05\x64type\x18\x01 \x01(\x0e\x32\x12.gradient.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x14\n\x0c\x66loat_values\x18\x04 \x03(\x01\x12\x12\n\nint_values\x18\x05 \x03(\x03\x12\x13\n\x0b\x62ool_values\x18\x06 \x03(\x08\x12\x0f\n\x07padding\x18\x07 \x01(\x0c*v\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT64\x10\x02\x12\x0f\n\x0b\x44TYPE_INT32\x10\x03\x12\x0f\n\x0b\x44TYPE_INT64\x10\x04\x12\x0e\n\nDTYPE_BOOL\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'gradient.v1.tensor_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=179
-  _globals['_DTYPE']._serialized_end=297
+  _globals['_DTYPE']._serialized_start=196
+  _globals['_DTYPE']._serialized_end=314
   _globals['_TENSOR']._serialized_start=42
-  _globals['_TENSOR']._serialized_end=177
+  _globals['_TENSOR']._serialized_end=194
 # @@protoc_insertion_point(module_scope)
