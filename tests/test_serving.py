@@ -95,15 +95,10 @@ class RecordingCallLog(CallLog):
         self.calls: list[tuple[str, grpc.StatusCode, str]] = []
         self._lock = threading.Lock()
 
-    def ok(self, method, start, context):
-        super().ok(method, start, context)
+    def finished(self, call, code, details=""):
+        super().finished(call, code, details)
         with self._lock:
-            self.calls.append((method, grpc.StatusCode.OK, context.peer()))
-
-    def failed(self, method, start, context, code, details):
-        super().failed(method, start, context, code, details)
-        with self._lock:
-            self.calls.append((method, code, context.peer()))
+            self.calls.append((call.method, code, call.context.peer()))
 
     def of(self, method: str) -> list[tuple[str, grpc.StatusCode, str]]:
         with self._lock:

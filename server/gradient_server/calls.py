@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 
 import grpc
 
@@ -22,21 +23,41 @@ class Cancelled(Exception):
     """The client went away; nobody will read the answer."""
 
 
-class CallGuard:
-    """A call's deadline and cancellation, checked between ops without taking a lock per op.
+class Call:
+    """One call as the server sees it: its method, start, request id and graph (for its log
+    line and metrics), and its deadline and cancellation, checked between ops without taking
+    a lock per op.
 
     The deadline is fixed once as a monotonic time. Whether the client is still there is
     asked of gRPC (which takes the call's lock) at most once per CANCEL_PROBE seconds of
     work, so short calls never ask and a cancelled long one stops within that time.
     """
 
-    __slots__ = ("_context", "_deadline", "_next_probe")
+    __slots__ = (
+        "method",
+        "context",
+        "start",
+        "request_id",
+        "graph_digest",
+        "nodes",
+        "received",
+        "sent",
+        "_deadline",
+        "_next_probe",
+    )
 
     CANCEL_PROBE = 0.005
 
-    def __init__(self, context: grpc.ServicerContext):
+    def __init__(self, method: str, context: grpc.ServicerContext, received: int = 0):
+        self.start = time.perf_counter()
         now = time.monotonic()
-        self._context = context
+        self.method = method
+        self.context = context
+        self.request_id = _request_id(context)
+        self.graph_digest = ""
+        self.nodes = 0
+        self.received = received  # request bytes
+        self.sent = 0  # response bytes
         self._deadline = now + context.time_remaining()
         self._next_probe = now + self.CANCEL_PROBE
 
@@ -47,8 +68,31 @@ class CallGuard:
             raise DeadlineExceeded
         if now >= self._next_probe:
             self._next_probe = now + self.CANCEL_PROBE
-            if not self._context.is_active():
+            if not self.context.is_active():
                 raise Cancelled
+
+    def seconds(self) -> float:
+        """Seconds since the call began."""
+        return time.perf_counter() - self.start
+
+
+REQUEST_ID = "x-request-id"
+"""The metadata key of a call's request id: the client's (if it sent a usable one) or one
+made here; it is returned in the call's trailing metadata and written in its log line."""
+
+MAX_REQUEST_ID = 128
+
+
+def _request_id(context: grpc.ServicerContext) -> str:
+    request_id = ""
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID and isinstance(value, str):
+            request_id = value if 0 < len(value) <= MAX_REQUEST_ID else ""
+            break
+    if not request_id:
+        request_id = str(uuid.uuid4())
+    context.set_trailing_metadata(((REQUEST_ID, request_id),))
+    return request_id
 
 
 MAX_DETAILS = 1024

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from gradient_client import wire
 
 from .autodiff import GradientGraph, directional_derivative, gradient_graph
 from .errors import GraphError, LimitExceeded, UnknownGraph, no_deadline
-from .executor import Plan
+from .executor import OpTimes, Plan
 from .ir import Graph, decode_graph, graph_digest, infer_types
 from .tensor_type import TensorType
 
@@ -39,6 +40,27 @@ class Limits:
     """Forward passes one CheckGradient request may run (two per element or direction)."""
 
 
+@dataclass(frozen=True)
+class CacheStats:
+    """A cache's lookups answered and not, and what it holds."""
+
+    name: str
+    hits: int
+    misses: int
+    bytes: int
+    entries: int
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """The engine's counters (for the metrics)."""
+
+    caches: tuple[CacheStats, ...]
+    compiles: int
+    compile_seconds: float
+    ops: dict[str, tuple[int, float]]  # op -> (runs, seconds), when ops are timed
+
+
 class _LRU(Generic[K, V]):
     """A small thread-safe least-recently-used cache, bounded in entries and in bytes."""
 
@@ -48,18 +70,27 @@ class _LRU(Generic[K, V]):
         self._items: OrderedDict[K, tuple[V, int]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
 
     @property
     def bytes(self) -> int:
         """The entries' weight in all."""
         return self._bytes
 
+    def stats(self, name: str) -> CacheStats:
+        """Its counters now, under `name`."""
+        with self._lock:
+            return CacheStats(name, self.hits, self.misses, self._bytes, len(self._items))
+
     def get(self, key: K) -> V | None:
         """The cached value of `key`, or None."""
         with self._lock:
             entry = self._items.get(key)
             if entry is None:
+                self.misses += 1
                 return None
+            self.hits += 1
             self._items.move_to_end(key)
             return entry[0]
 
@@ -67,8 +98,10 @@ class _LRU(Generic[K, V]):
         """The cached value of `key`, or make() (cached unless it alone exceeds the budget)."""
         with self._lock:
             if key in self._items:
+                self.hits += 1
                 self._items.move_to_end(key)
                 return self._items[key][0]
+            self.misses += 1
         value = make()
         weight = nbytes(value)
         if weight > self._max_bytes:
@@ -175,11 +208,42 @@ class Engine:
         # heavier than its share is served but not cached.
         self._graphs: _LRU[str, Graph] = _LRU(cache_size, cache_bytes // 4)
         self._plans: _LRU[Hashable, object] = _LRU(cache_size, cache_bytes - cache_bytes // 4)
+        self._compiles = 0
+        self._compile_seconds = 0.0
+        self._compile_lock = threading.Lock()
+        self.op_times: OpTimes | None = None
+        """Where each op's time is added, if set (the metrics set it)."""
 
     @property
     def cached_bytes(self) -> int:
         """What the caches hold now, in bytes (by the entries' estimates)."""
         return self._graphs.bytes + self._plans.bytes
+
+    def stats(self) -> EngineStats:
+        """The caches' counters, plan compiles and (if timed) op times, now."""
+        with self._compile_lock:
+            compiles, seconds = self._compiles, self._compile_seconds
+        return EngineStats(
+            (self._graphs.stats("graphs"), self._plans.stats("plans")),
+            compiles,
+            seconds,
+            self.op_times.snapshot() if self.op_times is not None else {},
+        )
+
+    def _compiled(self, key: Hashable, compile_plan: Callable[[], object]) -> object:
+        """The plan cached under `key`, or compile_plan() timed (and cached)."""
+
+        def timed() -> object:
+            began = time.perf_counter()
+            try:
+                return compile_plan()
+            finally:
+                elapsed = time.perf_counter() - began
+                with self._compile_lock:
+                    self._compiles += 1
+                    self._compile_seconds += elapsed
+
+        return self._plans.get_or_make(key, timed, _held)
 
     # -- graphs ---------------------------------------------------------------------------
 
@@ -292,11 +356,11 @@ class Engine:
                 types = infer_types(graph, feed_types, needed, check_deadline)
                 return self._check_plan(Plan(graph, types, set(fetch_names)), types)
 
-            plan = self._plans.get_or_make(compiled_key, compile_plan, _held)
+            plan = self._compiled(compiled_key, compile_plan)
             prepared = _Prepared(plan, tuple(fetch_names))
             self._plans.get_or_make(key, lambda: prepared, _held)
         assert isinstance(prepared, _Prepared)
-        values = prepared.plan.run(feeds, check_deadline)
+        values = prepared.plan.run(feeds, check_deadline, self.op_times)
         return {name: values[name] for name in prepared.fetch}
 
     # -- Gradient -------------------------------------------------------------------------
@@ -335,7 +399,7 @@ class Engine:
             self._check_plan(plan, combined.types)
             return _GradientPlan(plan, combined, out_type)
 
-        compiled = self._plans.get_or_make(key, compile_plan, _held)
+        compiled = self._compiled(key, compile_plan)
         assert isinstance(compiled, _GradientPlan)
         return compiled
 
@@ -377,7 +441,9 @@ class Engine:
             seed_value = prepared.default_seed
         else:
             seed_value = self._seed_value(graph, output, prepared.seed_type, seed)
-        values = prepared.plan.run({**feeds, prepared.seed: seed_value}, check_deadline)
+        values = prepared.plan.run(
+            {**feeds, prepared.seed: seed_value}, check_deadline, self.op_times
+        )
         return GradientResult(
             values={name: values[name] for name in prepared.fetch},
             gradients={name: values[grad] for name, grad in prepared.gradients},
@@ -455,7 +521,7 @@ class Engine:
                 second.graph,
             )
 
-        compiled = self._plans.get_or_make(key, compile_plan, _held)
+        compiled = self._compiled(key, compile_plan)
         assert isinstance(compiled, _HvpPlan)
         out_type = first.output_type
         run_feeds = {
@@ -465,7 +531,7 @@ class Engine:
         }
         for name, node in compiled.vectors.items():
             run_feeds[node] = vector[name].astype(feed_types[name].dtype, copy=False)
-        values = compiled.plan.run(run_feeds, check_deadline)
+        values = compiled.plan.run(run_feeds, check_deadline, self.op_times)
         return {name: values[grad] for name, grad in compiled.gradients.items()}
 
     @staticmethod

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -77,28 +79,66 @@ class Plan:
         )
 
     def run(
-        self, feeds: Mapping[str, np.ndarray], check_deadline: Callable[[], None]
+        self,
+        feeds: Mapping[str, np.ndarray],
+        check_deadline: Callable[[], None],
+        op_times: OpTimes | None = None,
     ) -> dict[str, np.ndarray]:
-        """Compute every fetched value. check_deadline is called between ops and may raise."""
+        """Compute every fetched value. check_deadline is called between ops and may raise;
+        each op's time is added to `op_times`, if given."""
+        timed: list[tuple[str, float]] | None = None if op_times is None else []
         with np.errstate(all="ignore"):  # inf and nan are the client's results, not warnings
-            return self._run(feeds, check_deadline)
+            try:
+                return self._run(feeds, check_deadline, timed)
+            finally:
+                if op_times is not None and timed:
+                    op_times.add(timed)
 
     def _run(
-        self, feeds: Mapping[str, np.ndarray], check_deadline: Callable[[], None]
+        self,
+        feeds: Mapping[str, np.ndarray],
+        check_deadline: Callable[[], None],
+        timed: list[tuple[str, float]] | None,
     ) -> dict[str, np.ndarray]:
         values = {name: feeds[name] for name in self._inputs}
+        began = 0.0
         for name, forward, sources, release, step in self._program:
             check_deadline()
+            if timed is not None:
+                began = time.perf_counter()
             try:
                 value = np.asarray(forward(*[values[s] for s in sources]))
             except InvalidValue as e:
                 raise node_error(step.node, str(e)) from None
+            if timed is not None:
+                timed.append((step.node.op, time.perf_counter() - began))
             if CHECK_RESULT_TYPES:
                 _check_type(step.node, value, step.call.type)
             values[name] = value
             for used in release:
                 del values[used]
         return {name: values[name] for name in self.fetch}
+
+
+class OpTimes:
+    """Runs and seconds of each op, summed over the plans run with it (for the metrics)."""
+
+    def __init__(self) -> None:
+        self._totals: dict[str, tuple[int, float]] = {}
+        self._lock = threading.Lock()
+
+    def add(self, timed: list[tuple[str, float]]) -> None:
+        """Add one run's (op, seconds) pairs."""
+        with self._lock:
+            totals = self._totals
+            for op, seconds in timed:
+                runs, total = totals.get(op, (0, 0.0))
+                totals[op] = (runs + 1, total + seconds)
+
+    def snapshot(self) -> dict[str, tuple[int, float]]:
+        """(runs, seconds) by op, now."""
+        with self._lock:
+            return dict(self._totals)
 
 
 def _bound(step: _Step) -> Callable[..., np.ndarray]:

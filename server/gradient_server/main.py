@@ -14,7 +14,7 @@ import warnings
 
 from gradient_client.client import DEFAULT_MAX_MESSAGE_MB, check_message_mb
 
-from .calllog import CallLog
+from .calllog import CallLog, JsonFormatter
 from .engine import Engine, Limits
 from .service import create_server
 
@@ -88,6 +88,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="text lines, or one JSON object per line (default text)",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=0,
+        help="serve Prometheus metrics at http://METRICS_HOST:PORT/metrics (default 0: no "
+        "metrics); with --workers N, worker i serves them on PORT+i",
+    )
+    parser.add_argument(
+        "--metrics-host",
+        default=None,
+        help="address the metrics are served on (default: --host)",
+    )
+    parser.add_argument(
         "--log-calls",
         type=_fraction,
         default=0.0,
@@ -118,8 +136,9 @@ def _fraction(text: str) -> float:
     return value
 
 
-def serve(args: argparse.Namespace) -> None:
-    """Run one server process until SIGTERM or SIGINT, then stop gracefully."""
+def serve(args: argparse.Namespace, slot: int = 0) -> None:
+    """Run one server process (worker `slot`) until SIGTERM or SIGINT, then stop
+    gracefully."""
     # numpy warns on stderr about requests' values (e.g. the mean of an empty slice is nan);
     # those results are the client's to see, not the operator's log.
     warnings.filterwarnings("ignore", category=RuntimeWarning)
@@ -139,7 +158,12 @@ def serve(args: argparse.Namespace) -> None:
             max_concurrent_rpcs=args.max_concurrent_rpcs,
             reuse_port=args.workers > 1,
             call_log=CallLog(args.log_calls),
+            metrics=bool(args.metrics_port),
         )
+        if args.metrics_port:
+            metrics_host = args.metrics_host or args.host
+            metrics_port = server.serve_metrics(metrics_host, args.metrics_port + slot)
+            log.info("metrics on http://%s:%d/metrics", metrics_host, metrics_port)
     except OSError as e:
         log.error("%s", e)
         raise SystemExit(1) from None
@@ -180,7 +204,7 @@ def supervise(args: argparse.Namespace) -> int:
     restarts: dict[int, float] = {}  # slot -> when to start it again
 
     def start(slot: int) -> None:
-        worker = context.Process(target=serve, args=(args,), name=f"gradient-worker-{slot}")
+        worker = context.Process(target=serve, args=(args, slot), name=f"gradient-worker-{slot}")
         worker.start()
         workers[slot], started[slot] = worker, time.monotonic()
 
@@ -241,9 +265,12 @@ def supervise(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of `gradient-server`."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    handler = logging.StreamHandler()
+    if args.log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
     if args.workers <= 1:
         serve(args)
         return

@@ -8,7 +8,6 @@ are INVALID_ARGUMENT), and responses are written straight into their bytes.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
@@ -26,11 +25,12 @@ from gradient_client.client import DEFAULT_MAX_MESSAGE_MB, check_message_mb
 from gradient_client.wire import WireMessage
 
 from .calllog import CallLog
-from .calls import CallGuard, status_of
+from .calls import Call, status_of
 from .engine import Engine, Limits
 from .errors import GraphError, LimitExceeded
 from .gradcheck import CheckSettings, check_gradient
 from .ir import Graph, canonical_attr, encode_attr, encode_graph
+from .metrics import Metrics
 from .ops import OPS, AttrSpec, OpDef
 from .ops.base import REQUIRED
 from .session import run_session
@@ -45,7 +45,7 @@ class _Method:
 
     name: str
     request_type: Any
-    run: Callable[[WireMessage, Callable[[], None]], WireMessage]
+    run: Callable[[WireMessage, Call], WireMessage]
 
 
 class GradientServicer:
@@ -57,11 +57,13 @@ class GradientServicer:
         *,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_MB << 20,
         call_log: CallLog | None = None,
+        metrics: bool = False,
         max_sessions: int = 16,
     ):
         self.engine = engine or Engine()
         self.max_message_bytes = max_message_bytes
         self.call_log = call_log or CallLog()
+        self.metrics = Metrics(self.engine, SERVICE_NAME) if metrics else None
         self._list_ops = service_pb2.ListOpsResponse(
             ops=[_op_info(OPS[name]) for name in sorted(OPS)]
         ).SerializeToString()
@@ -97,31 +99,48 @@ class GradientServicer:
         return _Method(name, request, run)
 
     def _unary(self, method: _Method) -> Callable[[bytes, grpc.ServicerContext], bytes]:
-        call_log = self.call_log
-
         def handle(data: bytes, context: grpc.ServicerContext) -> bytes:
-            start = time.perf_counter()
-            guard = CallGuard(context)
+            call = self.started(method.name, context, len(data))
             try:
                 request = wire.decode(data, method.request_type)
-                response = method.run(request, guard.check)
+                response = method.run(request, call)
                 payload = getattr(request.fields, "response_payload", 0)
                 lists = payload == service_pb2.PAYLOAD_FORM_LISTS
                 encoded = wire.encode(response, as_lists=lists)
                 self._check_response_size(len(encoded))
-                call_log.ok(method.name, start, context)
+                call.sent = len(encoded)
+                self.finished(call, grpc.StatusCode.OK)
                 return encoded
             except Exception as error:  # noqa: BLE001 - every failure gets a status
                 code, details = status_of(error, method.name)
-            call_log.failed(method.name, start, context, code, details)
+            self.finished(call, code, details)
             context.abort(code, details)
             raise AssertionError("abort returns only by raising")
 
         return handle
 
     def _list_ops_handler(self, data: bytes, context: grpc.ServicerContext) -> bytes:
-        self.call_log.ok("ListOps", time.perf_counter(), context)
+        call = self.started("ListOps", context, len(data))
+        call.sent = len(self._list_ops)
+        self.finished(call, grpc.StatusCode.OK)
         return self._list_ops
+
+    def started(
+        self, method: str, context: grpc.ServicerContext, received: int = 0, kind: str = "UNARY"
+    ) -> Call:
+        """A call that has begun (`kind`: UNARY or BIDI_STREAM), counted in the metrics."""
+        call = Call(method, context, received)
+        if self.metrics is not None:
+            self.metrics.started(call, kind)
+        return call
+
+    def finished(
+        self, call: Call, code: grpc.StatusCode, details: str = "", kind: str = "UNARY"
+    ) -> None:
+        """A call that has ended with `code`: logged and counted."""
+        self.call_log.finished(call, code, details)
+        if self.metrics is not None:
+            self.metrics.finished(call, code, kind)
 
     def begin_shutdown(self) -> None:
         """Tell open sessions to end: a session waiting for its client's next message is
@@ -140,26 +159,29 @@ class GradientServicer:
 
     # -- the RPCs --------------------------------------------------------------------------
 
-    def graph_of(self, request: WireMessage, check: Callable[[], None]) -> Graph:
+    def graph_of(self, request: WireMessage, call: Call) -> Graph:
         """The request's graph: sent whole (cached by its digest) or named by its digest."""
         digest = request.fields.graph_digest
         sent = request.raw.get("graph")
         if digest and sent is not None:
             raise GraphError("set either graph or graph_digest, not both")
         if digest:
-            return self.engine.cached_graph(digest)
-        return self.engine.load_graph_bytes(sent if sent is not None else b"", check)
+            graph = self.engine.cached_graph(digest)
+        else:
+            graph = self.engine.load_graph_bytes(sent if sent is not None else b"", call.check)
+        call.graph_digest, call.nodes = graph.digest, len(graph.nodes)
+        return graph
 
-    def _forward(self, request: WireMessage, check: Callable[[], None]) -> WireMessage:
-        graph = self.graph_of(request, check)
+    def _forward(self, request: WireMessage, call: Call) -> WireMessage:
+        graph = self.graph_of(request, call)
         values = self.engine.forward(
-            graph, request.tensors.get("inputs", {}), request.fields.fetch, check
+            graph, request.tensors.get("inputs", {}), request.fields.fetch, call.check
         )
         response = service_pb2.ForwardResponse(graph_digest=graph.digest)
         return WireMessage(response, tensors={"values": values})
 
-    def _gradient(self, request: WireMessage, check: Callable[[], None]) -> WireMessage:
-        graph = self.graph_of(request, check)
+    def _gradient(self, request: WireMessage, call: Call) -> WireMessage:
+        graph = self.graph_of(request, call)
         fields = request.fields
         result = self.engine.gradient(
             graph,
@@ -168,7 +190,7 @@ class GradientServicer:
             request.tensors.get("seed"),
             fields.wrt,
             fields.fetch,
-            check,
+            call.check,
         )
         response = service_pb2.GradientResponse(
             skipped=_skipped(result.skipped), graph_digest=graph.digest
@@ -177,8 +199,8 @@ class GradientServicer:
             response, tensors={"values": result.values, "gradients": result.gradients}
         )
 
-    def _check_gradient(self, request: WireMessage, check: Callable[[], None]) -> WireMessage:
-        graph = self.graph_of(request, check)
+    def _check_gradient(self, request: WireMessage, call: Call) -> WireMessage:
+        graph = self.graph_of(request, call)
         fields = request.fields
         defaults = CheckSettings()
         settings = CheckSettings(
@@ -197,7 +219,7 @@ class GradientServicer:
             request.tensors.get("seed"),
             list(fields.wrt),
             settings,
-            check,
+            call.check,
         )
         response = service_pb2.CheckGradientResponse(
             passed=report.passed,
@@ -219,11 +241,11 @@ class GradientServicer:
         )
         return WireMessage(response)
 
-    def _gradient_graph(self, request: WireMessage, check: Callable[[], None]) -> WireMessage:
-        graph = self.graph_of(request, check)
+    def _gradient_graph(self, request: WireMessage, call: Call) -> WireMessage:
+        graph = self.graph_of(request, call)
         fields = request.fields
         combined = self.engine.gradient_graph(
-            graph, request.tensors.get("inputs", {}), fields.output, fields.wrt, check
+            graph, request.tensors.get("inputs", {}), fields.output, fields.wrt, call.check
         )
         response = service_pb2.GradientGraphResponse(
             gradients=combined.gradients,
@@ -235,14 +257,14 @@ class GradientServicer:
             response, raw={"graph": encode_graph(combined.graph).SerializeToString()}
         )
 
-    def _hvp(self, request: WireMessage, check: Callable[[], None]) -> WireMessage:
-        graph = self.graph_of(request, check)
+    def _hvp(self, request: WireMessage, call: Call) -> WireMessage:
+        graph = self.graph_of(request, call)
         products = self.engine.hvp(
             graph,
             request.tensors.get("inputs", {}),
             request.fields.output,
             request.tensors.get("vector", {}),
-            check,
+            call.check,
         )
         response = service_pb2.HessianVectorProductResponse(graph_digest=graph.digest)
         return WireMessage(response, tensors={"products": products})
@@ -352,6 +374,13 @@ class GradientServer:
         for service in ("", SERVICE_NAME):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
 
+    def serve_metrics(self, host: str, port: int) -> int:
+        """Serve Prometheus metrics at http://host:port/metrics (the server must have been
+        created with metrics=True); returns the bound port."""
+        if self.servicer.metrics is None:
+            raise ValueError("this server was created without metrics")
+        return self.servicer.metrics.serve(host, port)
+
     def stop(self, grace: float | None = 5.0) -> None:
         """Turn health NOT_SERVING (ending Watch streams), refuse new calls, tell open
         sessions to end, and let in-flight calls finish within `grace`; returns as soon as the
@@ -360,6 +389,8 @@ class GradientServer:
         stopped = self.grpc_server.stop(grace)
         self.servicer.begin_shutdown()
         stopped.wait()
+        if self.servicer.metrics is not None:
+            self.servicer.metrics.stop()
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
         """Block until the server stops (or the timeout passes)."""
@@ -377,13 +408,15 @@ def create_server(
     max_concurrent_rpcs: int | None = None,
     reuse_port: bool = False,
     call_log: CallLog | None = None,
+    metrics: bool = False,
 ) -> tuple[GradientServer, int]:
     """Build (but do not start) a server bound to `address`; returns it and the bound port.
 
     Bind "127.0.0.1:0" to get a free port (as the tests do). A session holds a thread for as
     long as its stream is open, so the pool has `threads` for calls plus one per session.
     Beyond `max_concurrent_rpcs` calls at once (streams included), gRPC refuses a call at once
-    with RESOURCE_EXHAUSTED instead of queueing it (None: no limit).
+    with RESOURCE_EXHAUSTED instead of queueing it (None: no limit). With `metrics`, calls
+    and the engine are counted (`GradientServer.serve_metrics` serves them).
     """
     max_bytes = check_message_mb(max_message_mb) * 1024 * 1024
     server = grpc.server(
@@ -406,6 +439,7 @@ def create_server(
         engine or Engine(limits),
         max_message_bytes=max_bytes,
         call_log=call_log,
+        metrics=metrics,
         max_sessions=max_sessions,
     )
     handlers = servicer.method_handlers()

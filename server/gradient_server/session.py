@@ -10,7 +10,6 @@ of the steps of one message go back in as few messages as their size allows.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -23,7 +22,7 @@ from gradient_client import wire
 from gradient_client.tensors import TensorFormatError
 from gradient_client.wire import WireFormatError, WireMessage
 
-from .calls import CallGuard, Cancelled, status_of
+from .calls import Call, Cancelled, status_of
 from .errors import DeadlineExceeded, GraphError, LimitExceeded
 from .ir import Graph
 
@@ -32,6 +31,7 @@ if TYPE_CHECKING:
 
 
 METHOD = "Session"
+KIND = "BIDI_STREAM"
 
 
 class _EndStream(Exception):
@@ -60,17 +60,15 @@ def run_session(
     servicer: GradientServicer, requests: Iterator[bytes], context: grpc.ServicerContext
 ) -> Iterator[bytes]:
     """The Session handler: a raw-bytes stream in, a raw-bytes stream out."""
-    start = time.perf_counter()
+    call = servicer.started(METHOD, context, kind=KIND)
     if not servicer.sessions.acquire(blocking=False):
         details = (
             f"too many open sessions: the limit (max_sessions) is {servicer.max_sessions}; "
             "close one, or use unary calls"
         )
-        servicer.call_log.failed(
-            METHOD, start, context, grpc.StatusCode.RESOURCE_EXHAUSTED, details
-        )
+        servicer.finished(call, grpc.StatusCode.RESOURCE_EXHAUSTED, details, KIND)
         context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, details)
-    session = _Session(servicer, CallGuard(context), context)
+    session = _Session(servicer, call)
     servicer.open_sessions.add(session)
     try:
         yield from session.serve(requests)
@@ -84,22 +82,22 @@ def run_session(
         # The requests ended: the client half-closed, or cancelled (gRPC may report the
         # cancellation just after the end of the requests; the call then counts as OK).
         if context.is_active():
-            servicer.call_log.ok(METHOD, start, context)
+            servicer.finished(call, grpc.StatusCode.OK, "", KIND)
             return
         code, details = status_of(Cancelled(), METHOD)
     finally:
         servicer.open_sessions.discard(session)
         servicer.sessions.release()
-    servicer.call_log.failed(METHOD, start, context, code, details)
+    servicer.finished(call, code, details, KIND)
     context.abort(code, details)
 
 
 class _Session:
-    def __init__(self, servicer: GradientServicer, guard: CallGuard, context: grpc.ServicerContext):
+    def __init__(self, servicer: GradientServicer, call: Call):
         self.servicer = servicer
         self.engine = servicer.engine
-        self.guard = guard
-        self.context = context
+        self.call = call
+        self.context = call.context
         self.spec: _Spec | None = None
         self.chunks = wire.ChunkAssembler(self._check_chunked_size)
         self.first_response = True
@@ -114,6 +112,7 @@ class _Session:
     def serve(self, requests: Iterator[bytes]) -> Iterator[bytes]:
         for data in requests:
             self.busy = True
+            self.call.received += len(data)
             yield from self._handle(data)
             self.busy = False
             if self.servicer.shutting_down:
@@ -160,7 +159,7 @@ class _Session:
             )
         if start.error is not None:
             raise start.error
-        graph = self.servicer.graph_of(start, self.guard.check)
+        graph = self.servicer.graph_of(start, self.call)
         fields = start.fields
         for what, names in (("wrt", fields.wrt), ("fetch", fields.fetch)):
             for name in names:
@@ -227,12 +226,12 @@ class _Session:
             else:
                 raise GraphError(f"chunks of {name!r} do not belong in a request, or repeat it")
         if step.fields.kind == service_pb2.STEP_KIND_FORWARD:
-            values = self.engine.forward(spec.graph, inputs, spec.fetch, self.guard.check)
+            values = self.engine.forward(spec.graph, inputs, spec.fetch, self.call.check)
             return WireMessage(service_pb2.StepResult(), tensors={"values": values})
         if step.fields.kind != service_pb2.STEP_KIND_GRADIENT:
             raise GraphError(f"step kind {step.fields.kind} is not known")
         result = self.engine.gradient(
-            spec.graph, inputs, spec.output, seed, spec.wrt, spec.fetch, self.guard.check
+            spec.graph, inputs, spec.output, seed, spec.wrt, spec.fetch, self.call.check
         )
         skipped = [service_pb2.SkippedNode(name=n, reason=r) for n, r in result.skipped.items()]
         return WireMessage(
@@ -295,4 +294,6 @@ class _Session:
             fields.graph_digest = spec.graph.digest
             self.first_response = False
         nested = {"results": results, "chunks": list(chunks)}
-        return wire.encode(WireMessage(fields, nested=nested), as_lists=spec.as_lists)
+        encoded = wire.encode(WireMessage(fields, nested=nested), as_lists=spec.as_lists)
+        self.call.sent += len(encoded)
+        return encoded
