@@ -13,6 +13,7 @@ from .client import (
 )
 from .errors import GradientError
 from .graph import Graph, Node
+from .security import TLS
 from .tensors import from_proto, to_proto
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "Node",
     "OpAttr",
     "OpInfo",
+    "TLS",
     "from_proto",
     "to_proto",
 ]

@@ -16,6 +16,7 @@ from google.protobuf import json_format
 
 from gradient.v1 import graph_pb2
 
+from . import security
 from .client import GradientClient, OpInfo
 from .drawing import GraphvizError, draw, format_tensor, to_dot
 from .errors import GradientError
@@ -195,7 +196,12 @@ def _op_of(graph: graph_pb2.Graph) -> dict[str, str]:
 
 
 def _client(args: argparse.Namespace) -> GradientClient:
-    return GradientClient(args.target, timeout=args.timeout)
+    return GradientClient(
+        args.target,
+        timeout=args.timeout,
+        tls=security.tls_of(args),
+        token=security.token_of(args),
+    )
 
 
 def _signature(op: OpInfo) -> str:
@@ -441,6 +447,7 @@ def _add_connection_options(parser: argparse.ArgumentParser, defaults: bool) -> 
         metavar="SECONDS",
         help=f"deadline of each call (default {DEFAULT_TIMEOUT:g})",
     )
+    security.add_arguments(parser, defaults=defaults)
 
 
 def _parser() -> argparse.ArgumentParser:

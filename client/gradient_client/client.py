@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import threading
 from collections import OrderedDict
@@ -20,6 +21,7 @@ from gradient.v1 import graph_pb2
 from . import wire
 from .errors import GradientError
 from .graph import Graph, Node
+from .security import TLS, token_metadata
 from .tensors import TensorFormatError, wire_array
 from .wire import WireGraph, WireMessage
 
@@ -330,9 +332,9 @@ _RESPONSE_TYPES = {
 }
 
 
-def _channel_options(max_message_mb: int, connections: int) -> list[tuple[str, int]]:
+def _channel_options(max_message_mb: int, connections: int) -> list[tuple[str, Any]]:
     size = check_message_mb(max_message_mb) * 1024 * 1024
-    options = [
+    options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", size),
         ("grpc.max_send_message_length", size),
     ]
@@ -350,17 +352,38 @@ def _make_channels(module: Any, target: str, credentials, options, count: int) -
 
 
 class _Connection:
-    """One channel and a raw-bytes callable for each RPC of the service on it."""
+    """One channel and a raw-bytes callable for each RPC of the service on it (each call
+    carrying `metadata`, e.g. a bearer token)."""
 
-    def __init__(self, channel: Any):
+    def __init__(self, channel: Any, metadata: tuple[tuple[str, str], ...] | None = None):
         self.channel = channel
         prefix = f"/{_SERVICE.full_name}/"
         self.unary = {
-            method.name: channel.unary_unary(prefix + method.name, _registered_method=True)
+            method.name: _with_metadata(
+                channel.unary_unary(prefix + method.name, _registered_method=True), metadata
+            )
             for method in _SERVICE.methods
             if not method.client_streaming
         }
-        self.session = channel.stream_stream(prefix + "Session", _registered_method=True)
+        self.session = _with_metadata(
+            channel.stream_stream(prefix + "Session", _registered_method=True), metadata
+        )
+
+
+def _with_metadata(callable_: Any, metadata: tuple[tuple[str, str], ...] | None) -> Any:
+    return callable_ if metadata is None else functools.partial(callable_, metadata=metadata)
+
+
+def _security(
+    credentials: grpc.ChannelCredentials | None, tls: bool | TLS | None
+) -> tuple[grpc.ChannelCredentials | None, list[tuple[str, str]]]:
+    """The channel credentials and options of a client's `credentials` or `tls` argument."""
+    if tls is None or tls is False:
+        return credentials, []
+    if credentials is not None:
+        raise ValueError("give either credentials or tls, not both")
+    settings = TLS() if tls is True else tls
+    return settings.credentials(), settings.options()
 
 
 def decode_response(data: bytes, method: str) -> WireMessage:
@@ -420,6 +443,11 @@ class GradientClient:
     server with `--workers N`, N or more connections spread one client's load over its
     processes. A graph is sent whole once; later calls on it send only its digest (and send
     it whole again if the server answers that it does not hold it).
+
+    Security: `tls=True` speaks TLS trusting the system's roots, `tls=TLS(ca=..., cert=...,
+    key=...)` a given CA and (for mutual TLS) a client certificate; `token` is sent as
+    `authorization: Bearer <token>` on every call. A refused TLS handshake or token raises
+    GradientError with UNAUTHENTICATED. `credentials` are channel credentials of your own.
     """
 
     def __init__(
@@ -430,10 +458,15 @@ class GradientClient:
         max_message_mb: int = DEFAULT_MAX_MESSAGE_MB,
         credentials: grpc.ChannelCredentials | None = None,
         connections: int = 1,
+        tls: bool | TLS | None = None,
+        token: str | None = None,
     ):
-        options = _channel_options(max_message_mb, connections)
+        credentials, tls_options = _security(credentials, tls)
+        self.tls = credentials is not None
+        options = _channel_options(max_message_mb, connections) + tls_options
         channels = _make_channels(grpc, target, credentials, options, connections)
-        self._connections = [_Connection(channel) for channel in channels]
+        metadata = token_metadata(token)
+        self._connections = [_Connection(channel, metadata) for channel in channels]
         self._next = itertools.cycle(self._connections)
         self._known = _KnownGraphs()
         self.timeout = timeout
@@ -459,7 +492,7 @@ class GradientClient:
         try:
             response = call(data, timeout=timeout if timeout is not None else self.timeout)
         except grpc.RpcError as error:
-            raise GradientError.from_rpc_error(error) from None
+            raise GradientError.from_rpc_error(error, tls=self.tls) from None
         return decode_response(response, method)
 
     def _call_on_graph(
@@ -642,6 +675,7 @@ class GradientClient:
             _session_start(output, wrt, fetch, stop_on_error, self.max_message_bytes),
             timeout,
             self.max_message_bytes,
+            tls=self.tls,
         )
 
 
@@ -666,10 +700,15 @@ class AsyncGradientClient:
         max_message_mb: int = DEFAULT_MAX_MESSAGE_MB,
         credentials: grpc.ChannelCredentials | None = None,
         connections: int = 1,
+        tls: bool | TLS | None = None,
+        token: str | None = None,
     ):
-        options = _channel_options(max_message_mb, connections)
+        credentials, tls_options = _security(credentials, tls)
+        self.tls = credentials is not None
+        options = _channel_options(max_message_mb, connections) + tls_options
         channels = _make_channels(grpc.aio, target, credentials, options, connections)
-        self._connections = [_Connection(channel) for channel in channels]
+        metadata = token_metadata(token)
+        self._connections = [_Connection(channel, metadata) for channel in channels]
         self._next = itertools.cycle(self._connections)
         self._known = _KnownGraphs()
         self.timeout = timeout
@@ -692,7 +731,7 @@ class AsyncGradientClient:
         try:
             response = await call(data, timeout=timeout if timeout is not None else self.timeout)
         except grpc.RpcError as error:
-            raise GradientError.from_rpc_error(error) from None
+            raise GradientError.from_rpc_error(error, tls=self.tls) from None
         return decode_response(response, method)
 
     async def _call_on_graph(
@@ -838,4 +877,5 @@ class AsyncGradientClient:
             _session_start(output, wrt, fetch, stop_on_error, self.max_message_bytes),
             timeout,
             self.max_message_bytes,
+            tls=self.tls,
         )

@@ -18,6 +18,8 @@ from typing import NoReturn
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gradient_client import security
+
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_TIMEOUT = 3.0
 
@@ -61,16 +63,28 @@ def _parser() -> argparse.ArgumentParser:
         default=DEFAULT_TIMEOUT,
         help=f"seconds to wait for the answer (default {DEFAULT_TIMEOUT:g})",
     )
+    security.add_arguments(parser, token=False)  # health needs no token
     return parser
 
 
-def check(target: str, service: str = "", timeout: float = DEFAULT_TIMEOUT) -> str:
-    """Call grpc.health.v1 Health/Check on `target` and return the status name, e.g. "SERVING".
+def check(
+    target: str,
+    service: str = "",
+    timeout: float = DEFAULT_TIMEOUT,
+    tls: security.TLS | None = None,
+) -> str:
+    """Call grpc.health.v1 Health/Check on `target` (over TLS with `tls`) and return the
+    status name, e.g. "SERVING".
 
     Raises grpc.RpcError when the call fails (nothing listening, timeout, unknown service).
     """
     # A probe talks to the server directly: never route it through an http(s)_proxy from the env.
-    with grpc.insecure_channel(target, options=[("grpc.enable_http_proxy", 0)]) as channel:
+    options: list[tuple[str, object]] = [("grpc.enable_http_proxy", 0)]
+    if tls is not None:
+        channel = grpc.secure_channel(target, tls.credentials(), options + tls.options())
+    else:
+        channel = grpc.insecure_channel(target, options=options)
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
     return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
@@ -81,7 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     what = f"{args.target} service {args.service!r}" if args.service else args.target
     try:
-        status = check(args.target, args.service, args.timeout)
+        status = check(args.target, args.service, args.timeout, security.tls_of(args))
+    except (OSError, ValueError) as e:  # an unreadable or inconsistent TLS file or flag
+        print(f"{_PROG}: {e}", file=sys.stderr)
+        return 1
     except grpc.RpcError as e:
         code = e.code() if isinstance(e, grpc.Call) else None
         name = code.name if code is not None else "ERROR"

@@ -12,8 +12,11 @@ import threading
 import time
 import warnings
 
+import grpc
+
 from gradient_client.client import DEFAULT_MAX_MESSAGE_MB, check_message_mb
 
+from .auth import TokenError, Tokens, server_credentials
 from .calllog import CallLog, JsonFormatter
 from .engine import Engine, Limits
 from .service import create_server
@@ -86,6 +89,34 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--grace", type=float, default=10.0, help="seconds in-flight calls get at shutdown"
     )
+    security = parser.add_argument_group(
+        "security", "TLS, mutual TLS and bearer tokens (see the README's security model)"
+    )
+    security.add_argument("--tls-cert", metavar="PEM", help="the server's certificate chain")
+    security.add_argument("--tls-key", metavar="PEM", help="the server's private key")
+    security.add_argument(
+        "--tls-client-ca",
+        metavar="PEM",
+        help="mutual TLS: refuse clients without a certificate signed by this CA",
+    )
+    security.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="bearer tokens, one per line; every call but health checks needs one (read "
+        "again on SIGHUP)",
+    )
+    security.add_argument(
+        "--health-port",
+        type=int,
+        default=0,
+        help="also serve the health service alone, in plaintext, on this port (default 0: "
+        "none), for probes that speak neither TLS nor tokens",
+    )
+    security.add_argument(
+        "--health-host",
+        default="127.0.0.1",
+        help="address of the plaintext health port (default 127.0.0.1)",
+    )
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument(
         "--log-format",
@@ -145,6 +176,13 @@ def serve(args: argparse.Namespace, slot: int = 0) -> None:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
+    try:
+        credentials, tokens = _security(args)
+    except (OSError, TokenError) as e:
+        log.error("%s", e)
+        raise SystemExit(1) from None
+    # SIGHUP reads the token file again (and is otherwise ignored, not fatal).
+    signal.signal(signal.SIGHUP, lambda *_: _reload(tokens) if tokens is not None else None)
     limits = Limits(
         args.max_nodes, args.max_tensor_elements, args.max_bytes, args.max_check_evaluations
     )
@@ -159,6 +197,9 @@ def serve(args: argparse.Namespace, slot: int = 0) -> None:
             reuse_port=args.workers > 1,
             call_log=CallLog(args.log_calls),
             metrics=bool(args.metrics_port),
+            credentials=credentials,
+            tokens=tokens,
+            health_address=f"{args.health_host}:{args.health_port}" if args.health_port else None,
         )
         if args.metrics_port:
             metrics_host = args.metrics_host or args.host
@@ -168,10 +209,44 @@ def serve(args: argparse.Namespace, slot: int = 0) -> None:
         log.error("%s", e)
         raise SystemExit(1) from None
     server.start()
-    log.info("serving gradient.v1.GradientService on %s:%d (pid %d)", args.host, port, os.getpid())
+    protection = [
+        "mutual TLS" if args.tls_client_ca else "TLS" if credentials else "plaintext",
+        *(["bearer tokens"] if tokens is not None else []),
+    ]
+    log.info(
+        "serving gradient.v1.GradientService on %s:%d (pid %d, %s)",
+        args.host,
+        port,
+        os.getpid(),
+        ", ".join(protection),
+    )
+    if server.health_port:
+        log.info("health alone, plaintext, on %s:%d", args.health_host, server.health_port)
     stop.wait()
     log.info("shutting down: health NOT_SERVING, in-flight calls get %.0f s", args.grace)
     server.stop(args.grace)
+
+
+def _security(args: argparse.Namespace) -> tuple[grpc.ServerCredentials | None, Tokens | None]:
+    """The TLS credentials and the tokens the flags ask for (None: not asked)."""
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise OSError("--tls-cert and --tls-key go together")
+    if args.tls_client_ca and not args.tls_cert:
+        raise OSError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+    credentials = None
+    if args.tls_cert:
+        credentials = server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca)
+    tokens = Tokens(args.token_file) if args.token_file else None
+    return credentials, tokens
+
+
+def _reload(tokens: Tokens) -> None:
+    try:
+        count = tokens.reload()
+    except TokenError as e:
+        log.error("%s; the tokens read before stay in force", e)
+        return
+    log.info("token file read again: %d tokens", count)
 
 
 RESTART_BACKOFF = (0.1, 10.0)
@@ -190,6 +265,12 @@ def _why(exitcode: int | None) -> str:
     return f"exited with status {exitcode}"
 
 
+def _forward(signum: int, workers) -> None:
+    for worker in list(workers):
+        if worker.pid is not None and worker.is_alive():
+            os.kill(worker.pid, signum)
+
+
 def supervise(args: argparse.Namespace) -> int:
     """Run `args.workers` server processes sharing the port, restarting any that dies, until
     SIGTERM or SIGINT (forwarded to each, which drains); the exit status of the whole."""
@@ -199,6 +280,7 @@ def supervise(args: argparse.Namespace) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda signum, _frame: stopping.set())
     workers: dict[int, multiprocessing.process.BaseProcess] = {}
+    signal.signal(signal.SIGHUP, lambda *_: _forward(signal.SIGHUP, workers.values()))
     started: dict[int, float] = {}
     early_deaths = dict.fromkeys(range(args.workers), 0)
     restarts: dict[int, float] = {}  # slot -> when to start it again

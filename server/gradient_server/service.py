@@ -24,6 +24,7 @@ from gradient_client import wire
 from gradient_client.client import DEFAULT_MAX_MESSAGE_MB, check_message_mb
 from gradient_client.wire import WireMessage
 
+from .auth import TokenAuth, Tokens
 from .calllog import CallLog
 from .calls import Call, status_of
 from .engine import Engine, Limits
@@ -363,14 +364,20 @@ class GradientServer:
         server: grpc.Server,
         health_servicer: _HealthServicer,
         servicer: GradientServicer,
+        health_server: grpc.Server | None = None,
+        health_port: int = 0,
     ):
         self.grpc_server = server
         self.health = health_servicer
         self.servicer = servicer
+        self.health_server = health_server  # the plaintext health-only port, if any
+        self.health_port = health_port
 
     def start(self) -> None:
         """Start serving and report SERVING on the health service."""
         self.grpc_server.start()
+        if self.health_server is not None:
+            self.health_server.start()
         for service in ("", SERVICE_NAME):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
 
@@ -389,6 +396,8 @@ class GradientServer:
         stopped = self.grpc_server.stop(grace)
         self.servicer.begin_shutdown()
         stopped.wait()
+        if self.health_server is not None:
+            self.health_server.stop(0).wait()
         if self.servicer.metrics is not None:
             self.servicer.metrics.stop()
 
@@ -409,6 +418,9 @@ def create_server(
     reuse_port: bool = False,
     call_log: CallLog | None = None,
     metrics: bool = False,
+    credentials: grpc.ServerCredentials | None = None,
+    tokens: Tokens | None = None,
+    health_address: str | None = None,
 ) -> tuple[GradientServer, int]:
     """Build (but do not start) a server bound to `address`; returns it and the bound port.
 
@@ -417,6 +429,10 @@ def create_server(
     Beyond `max_concurrent_rpcs` calls at once (streams included), gRPC refuses a call at once
     with RESOURCE_EXHAUSTED instead of queueing it (None: no limit). With `metrics`, calls
     and the engine are counted (`GradientServer.serve_metrics` serves them).
+
+    With `credentials` (auth.server_credentials) the port speaks TLS; with `tokens`, every
+    call but health checks needs a bearer token. `health_address` adds a plaintext port
+    serving only the health service (for probes that speak neither TLS nor tokens).
     """
     max_bytes = check_message_mb(max_message_mb) * 1024 * 1024
     server = grpc.server(
@@ -424,6 +440,7 @@ def create_server(
             max_workers=threads + max_sessions,
             thread_name_prefix="gradient",
         ),
+        interceptors=[TokenAuth(tokens)] if tokens is not None else None,
         maximum_concurrent_rpcs=max_concurrent_rpcs,
         options=[
             ("grpc.max_receive_message_length", max_bytes),
@@ -450,10 +467,26 @@ def create_server(
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
+    port = _bind(server, address, credentials)
+    health_server, health_port = None, 0
+    if health_address is not None:
+        health_server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"),
+            options=[("grpc.so_reuseport", 1 if reuse_port else 0)],
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        health_port = _bind(health_server, health_address, None)
+    return GradientServer(server, health_servicer, servicer, health_server, health_port), port
+
+
+def _bind(server: grpc.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
     try:
-        port = server.add_insecure_port(address)
+        if credentials is not None:
+            port = server.add_secure_port(address, credentials)
+        else:
+            port = server.add_insecure_port(address)
     except RuntimeError:
         port = 0
     if port == 0:
         raise OSError(f"could not bind {address} (address in use or not available)")
-    return GradientServer(server, health_servicer, servicer), port
+    return port
