@@ -1169,15 +1169,20 @@ def test_a_cancelled_call_stops_its_work_and_the_server_serves_the_next():
     for _ in range(3000):
         h = g.matmul(h, w)
     weights = np.eye(300)
-    with running_server(threads=1, max_sessions=1, call_log=call_log) as address:
+    engine = Engine()
+    with running_server(threads=1, max_sessions=1, call_log=call_log, engine=engine) as address:
         with grpc.insecure_channel(address) as channel, GradientClient(address) as client:
             request = service_pb2.ForwardRequest(
                 graph=g.message(), inputs={"w": to_proto(weights)}, fetch=[h.name]
             )
             future = service_grpc.GradientServiceStub(channel).Forward.future(request)
-            time.sleep(0.3)
+            # Cancel once the call runs (its plan compiled), not while it waits for a thread.
+            assert wait_until(lambda: engine.stats().compiles == 1, timeout=30)
+            time.sleep(0.1)
             future.cancel()
             started = time.monotonic()
             assert_lecture(client.forward(lecture_graph(), LECTURE_INPUTS, timeout=30).values)
             assert time.monotonic() - started < 3.0
-    assert (grpc.StatusCode.CANCELLED) in [code for method, code, _ in call_log.of("Forward")]
+            # Its thread logs the call once it has seen the cancellation (at its next check).
+            codes = lambda: [code for _, code, _ in call_log.of("Forward")]  # noqa: E731
+            assert wait_until(lambda: grpc.StatusCode.CANCELLED in codes(), timeout=10)

@@ -10,6 +10,9 @@ import time
 import uuid
 
 import grpc
+from google.protobuf import any_pb2
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2, status_pb2
 
 from gradient_client.tensors import TensorFormatError
 from gradient_client.wire import WireFormatError
@@ -130,3 +133,111 @@ def status_of(error: BaseException, method: str) -> tuple[grpc.StatusCode, str]:
     # A bug: the trace goes to the log, a short message to the client.
     log.error("%s failed", method, exc_info=error)
     return grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__})"
+
+
+DOMAIN = "gradient.v1.GradientService"
+"""The domain of the ErrorInfo reasons below."""
+
+MAX_DETAIL = 256
+"""Characters at most of a name (node, op) in the machine-readable details."""
+
+
+def _reason(error: BaseException | None, code: grpc.StatusCode) -> str:
+    if isinstance(error, GraphError):
+        return "INVALID_GRAPH"
+    if isinstance(error, TensorFormatError | WireFormatError):
+        return "MALFORMED_REQUEST"
+    if isinstance(error, LimitExceeded):
+        return "LIMIT_EXCEEDED"
+    if isinstance(error, UnknownGraph):
+        return "UNKNOWN_GRAPH_DIGEST"
+    if isinstance(error, MemoryError):
+        return "OUT_OF_MEMORY"
+    return code.name
+
+
+class Failure(grpc.Status):
+    """A failed call's status: its code, its bounded message, and trailing metadata holding
+    the request id and a google.rpc.Status with machine-readable details (grpcio-status's
+    `grpc-status-details-bin`): ErrorInfo always (a reason, and the node, op or limit),
+    BadRequest for INVALID_ARGUMENT, QuotaFailure for a limit, ResourceInfo for NOT_FOUND,
+    RetryInfo when retrying later may succeed, RequestInfo with the request id."""
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        message: str,
+        error: BaseException | None = None,
+        request_id: str = "",
+        retry_after: float | None = None,
+    ):
+        self.code = code
+        self.details = message
+        if retry_after is None and isinstance(error, LimitExceeded):
+            retry_after = error.retry_after
+        status = status_pb2.Status(
+            code=code.value[0],
+            message=message,
+            details=[_packed(d) for d in _details(error, code, message, request_id, retry_after)],
+        )
+        metadata: list[tuple[str, str | bytes]] = [
+            ("grpc-status-details-bin", status.SerializeToString())
+        ]
+        if request_id:
+            metadata.append((REQUEST_ID, request_id))
+        self.trailing_metadata = tuple(metadata)
+
+
+def _packed(message: Message) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
+def _details(
+    error: BaseException | None,
+    code: grpc.StatusCode,
+    message: str,
+    request_id: str,
+    retry_after: float | None,
+) -> list[Message]:
+    metadata: dict[str, str] = {}
+    details: list[Message] = []
+    if isinstance(error, GraphError):
+        if error.node:
+            metadata["node"] = bounded(error.node, MAX_DETAIL)
+        if error.op:
+            metadata["op"] = bounded(error.op, MAX_DETAIL)
+        field = error.field or ("graph.nodes" if error.node else "")
+        violation = error_details_pb2.BadRequest.FieldViolation(field=field, description=message)
+        details.append(error_details_pb2.BadRequest(field_violations=[violation]))
+    elif code == grpc.StatusCode.INVALID_ARGUMENT:
+        violation = error_details_pb2.BadRequest.FieldViolation(description=message)
+        details.append(error_details_pb2.BadRequest(field_violations=[violation]))
+    elif isinstance(error, LimitExceeded) and error.limit:
+        metadata["limit"] = error.limit
+        quota = error_details_pb2.QuotaFailure.Violation(subject=error.limit, description=message)
+        details.append(error_details_pb2.QuotaFailure(violations=[quota]))
+    elif isinstance(error, UnknownGraph):
+        details.append(
+            error_details_pb2.ResourceInfo(
+                resource_type="gradient.v1.Graph", resource_name=error.digest, description=message
+            )
+        )
+    if retry_after is not None:
+        retry = error_details_pb2.RetryInfo()
+        retry.retry_delay.FromMilliseconds(max(int(retry_after * 1000), 1))
+        details.append(retry)
+    info = error_details_pb2.ErrorInfo(
+        reason=_reason(error, code), domain=DOMAIN, metadata=metadata
+    )
+    details.insert(0, info)
+    if request_id:
+        details.append(error_details_pb2.RequestInfo(request_id=request_id))
+    return details
+
+
+def failure_of(error: BaseException, method: str, request_id: str = "") -> Failure:
+    """The status of a call that failed with `error` (status_of's code and message)."""
+    code, message = status_of(error, method)
+    return Failure(code, message, error, request_id)

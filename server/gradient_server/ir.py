@@ -94,7 +94,7 @@ def node_error(node: Node, message: str, types: Iterable[TensorType] = ()) -> Gr
     """A GraphError naming the node, its op and (when given) its operand types."""
     operands = ", ".join(str(t) for t in types)
     suffix = f" (operands: {operands})" if operands else ""
-    return GraphError(f"{node.describe()}: {message}{suffix}")
+    return GraphError(f"{node.describe()}: {message}{suffix}", node=node.name, op=node.op)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,9 +214,13 @@ def decode_graph(
     for index, node_message in enumerate(message.nodes):
         if index % CHECK_EVERY == 0:
             check_deadline()
-        node = _decode_node(node_message)
+        try:
+            node = _decode_node(node_message)
+        except GraphError as e:
+            e.node, e.op = e.node or node_message.name or None, e.op or node_message.op or None
+            raise
         if node.name in nodes:
-            raise GraphError(f"node {node.name!r}: duplicate node name")
+            raise GraphError(f"node {node.name!r}: duplicate node name", node=node.name, op=node.op)
         nodes[node.name] = node
     for node in nodes.values():
         for source in node.inputs:

@@ -26,7 +26,7 @@ from gradient_client.wire import WireMessage
 
 from .auth import TokenAuth, Tokens
 from .calllog import CallLog
-from .calls import Call, status_of
+from .calls import Call, failure_of
 from .engine import Engine, Limits
 from .errors import GraphError, LimitExceeded
 from .gradcheck import CheckSettings, check_gradient
@@ -113,9 +113,9 @@ class GradientServicer:
                 self.finished(call, grpc.StatusCode.OK)
                 return encoded
             except Exception as error:  # noqa: BLE001 - every failure gets a status
-                code, details = status_of(error, method.name)
-            self.finished(call, code, details)
-            context.abort(code, details)
+                failure = failure_of(error, method.name, call.request_id)
+            self.finished(call, failure.code, failure.details)
+            context.abort_with_status(failure)
             raise AssertionError("abort returns only by raising")
 
         return handle
@@ -155,7 +155,8 @@ class GradientServicer:
             raise LimitExceeded(
                 f"the response would be {size} bytes; the message size limit (max_message_mb) "
                 f"is {self.max_message_bytes} bytes: ask for fewer nodes (fetch, wrt), or use a "
-                "Session, which sends large tensors in chunks"
+                "Session, which sends large tensors in chunks",
+                limit="max_message_mb",
             )
 
     # -- the RPCs --------------------------------------------------------------------------
@@ -165,7 +166,7 @@ class GradientServicer:
         digest = request.fields.graph_digest
         sent = request.raw.get("graph")
         if digest and sent is not None:
-            raise GraphError("set either graph or graph_digest, not both")
+            raise GraphError("set either graph or graph_digest, not both", field="graph_digest")
         if digest:
             graph = self.engine.cached_graph(digest)
         else:

@@ -22,7 +22,7 @@ from gradient_client import wire
 from gradient_client.tensors import TensorFormatError
 from gradient_client.wire import WireFormatError, WireMessage
 
-from .calls import Call, Cancelled, status_of
+from .calls import Call, Cancelled, Failure, failure_of, status_of
 from .errors import DeadlineExceeded, GraphError, LimitExceeded
 from .ir import Graph
 
@@ -35,12 +35,14 @@ KIND = "BIDI_STREAM"
 
 
 class _EndStream(Exception):
-    """The stream ends with this status (a bad start, a bad message, or stop_on_error)."""
+    """The stream ends with this status (a bad start, a bad message, or stop_on_error, whose
+    step failed with `error`)."""
 
-    def __init__(self, code: grpc.StatusCode, details: str):
+    def __init__(self, code: grpc.StatusCode, details: str, error: BaseException | None = None):
         super().__init__(details)
         self.code = code
         self.details = details
+        self.error = error
 
 
 @dataclass(frozen=True)
@@ -62,34 +64,36 @@ def run_session(
     """The Session handler: a raw-bytes stream in, a raw-bytes stream out."""
     call = servicer.started(METHOD, context, kind=KIND)
     if not servicer.sessions.acquire(blocking=False):
-        details = (
+        error = LimitExceeded(
             f"too many open sessions: the limit (max_sessions) is {servicer.max_sessions}; "
-            "close one, or use unary calls"
+            "close one, or use unary calls",
+            limit="max_sessions",
         )
-        servicer.finished(call, grpc.StatusCode.RESOURCE_EXHAUSTED, details, KIND)
-        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, details)
+        failure = failure_of(error, METHOD, call.request_id)
+        servicer.finished(call, failure.code, failure.details, KIND)
+        context.abort_with_status(failure)
     session = _Session(servicer, call)
     servicer.open_sessions.add(session)
     try:
         yield from session.serve(requests)
     except _EndStream as end:
-        code, details = end.code, end.details
+        failure = Failure(end.code, end.details, end.error, call.request_id)
     except grpc.RpcError:  # the request stream broke: the client cancelled or went away
-        code, details = status_of(Cancelled(), METHOD)
+        failure = failure_of(Cancelled(), METHOD, call.request_id)
     except Exception as error:  # noqa: BLE001 - every failure gets a status
-        code, details = status_of(error, METHOD)
+        failure = failure_of(error, METHOD, call.request_id)
     else:
         # The requests ended: the client half-closed, or cancelled (gRPC may report the
         # cancellation just after the end of the requests; the call then counts as OK).
         if context.is_active():
             servicer.finished(call, grpc.StatusCode.OK, "", KIND)
             return
-        code, details = status_of(Cancelled(), METHOD)
+        failure = failure_of(Cancelled(), METHOD, call.request_id)
     finally:
         servicer.open_sessions.discard(session)
         servicer.sessions.release()
-    servicer.finished(call, code, details, KIND)
-    context.abort(code, details)
+    servicer.finished(call, failure.code, failure.details, KIND)
+    context.abort_with_status(failure)
 
 
 class _Session:
@@ -188,12 +192,14 @@ class _Session:
         if count > limits.max_tensor_elements:
             raise LimitExceeded(
                 f"{what} has {count} elements; the limit (max_tensor_elements) is "
-                f"{limits.max_tensor_elements}"
+                f"{limits.max_tensor_elements}",
+                limit="max_tensor_elements",
             )
         if count * dtype.itemsize > limits.max_bytes:
             raise LimitExceeded(
                 f"{what} has {count * dtype.itemsize} bytes; the limit (max_bytes) is "
-                f"{limits.max_bytes}"
+                f"{limits.max_bytes}",
+                limit="max_bytes",
             )
 
     def _step(self, step: WireMessage) -> WireMessage:
@@ -204,9 +210,9 @@ class _Session:
             raise
         except Exception as error:  # noqa: BLE001 - every failure gets a status
             code, details = status_of(error, METHOD)
-        assert self.spec is not None
-        if self.spec.stop_on_error:
-            raise _EndStream(code, details)
+            assert self.spec is not None
+            if self.spec.stop_on_error:
+                raise _EndStream(code, details, error) from None
         failure = service_pb2.StepError(code=code.value[0], message=details)
         return WireMessage(service_pb2.StepResult(error=failure))
 
