@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 50051
 
-.PHONY: run test bench lint proto clean
+.PHONY: run test fuzz bench lint proto clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ run: $(VENV)/.installed-run  ## install the server and serve on $(HOST):$(PORT)
 
 test: $(VENV)/.installed-test  ## install everything and run the tests
 	$(BIN)/python -m pytest
+
+fuzz: $(VENV)/.installed-test  ## the fuzzers, with FUZZ_EXAMPLES (default 20000) examples each
+	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-20000} $(BIN)/python -m pytest tests/test_fuzz.py tests/test_byte_fuzz.py
 
 # Benchmarks compare with floors measured in the same run; OpenBLAS tuning variables are unset
 # for every side alike.
