@@ -8,7 +8,11 @@
 #
 # Arguments after the image name are appended to `gradient-server --host 0.0.0.0 --port 50051`
 # (the last --host/--port given wins). The HEALTHCHECK asks 127.0.0.1:50051, so keep that port
-# inside the container and remap it with -p instead.
+# inside the container and remap it with -p instead. A server with TLS or mutual TLS
+# (--tls-cert ...) also serves plaintext health on --health-port 8081 (127.0.0.1 inside the
+# container) for it:
+#   docker run ... -e GRADIENT_HEALTHCHECK_TARGET=127.0.0.1:8081 gradient-service \
+#       --tls-cert /certs/tls.crt --tls-key /certs/tls.key --health-port 8081
 
 # ---- builder: build the project's wheel (only the wheel; dependencies come from PyPI below) ----
 FROM python:3.11-slim AS builder
@@ -47,7 +51,7 @@ USER 10001:10001
 EXPOSE 50051
 
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
-    CMD ["gradient-healthcheck", "--target", "127.0.0.1:50051", "--timeout", "3"]
+    CMD ["gradient-healthcheck", "--timeout", "3"]
 
 # gradient-server turns health NOT_SERVING on SIGTERM and lets in-flight calls finish (--grace,
 # 10 s by default): give `docker stop` a longer timeout (-t) than --grace.

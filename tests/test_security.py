@@ -227,7 +227,7 @@ def test_tokens_are_read_again_and_a_bad_file_keeps_the_old_ones(token_file):
     assert not tokens.allows(None) and not tokens.allows("new-token") and not tokens.allows("")
 
 
-def test_tokens_over_tls_and_the_plaintext_health_port(pki, token_file):
+def test_tokens_over_tls_and_the_plaintext_health_port(pki, token_file, monkeypatch):
     credentials = server_credentials(pki.server_cert, pki.server_key, pki.ca_pem)
     tls = TLS(ca=pki.ca_pem, cert=pki.client_cert, key=pki.client_key)
     with serving(
@@ -240,6 +240,8 @@ def test_tokens_over_tls_and_the_plaintext_health_port(pki, token_file):
         # Probes: the plaintext health port, and gradient-healthcheck over mutual TLS.
         health_target = f"127.0.0.1:{server.health_port}"
         assert healthcheck.main(["--target", health_target]) == 0
+        monkeypatch.setenv("GRADIENT_HEALTHCHECK_TARGET", health_target)  # the image's way
+        assert healthcheck.main([]) == 0
         assert healthcheck.main(["--target", address]) == 1  # plaintext to a TLS port
         mutual = ["--tls-ca", pki.ca_pem, "--tls-cert", pki.client_cert]
         assert healthcheck.main(["--target", address, *mutual, "--tls-key", pki.client_key]) == 0

@@ -12,6 +12,7 @@ Failures print one line on stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import NoReturn
 
@@ -21,6 +22,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from gradient_client import security
 
 DEFAULT_TARGET = "127.0.0.1:50051"
+TARGET_ENV = "GRADIENT_HEALTHCHECK_TARGET"
+"""The environment variable naming the default target: a container whose server speaks TLS
+points its HEALTHCHECK at the plaintext health port with it (e.g. 127.0.0.1:8081)."""
 DEFAULT_TIMEOUT = 3.0
 
 _PROG = "gradient-healthcheck"
@@ -49,8 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--target",
-        default=DEFAULT_TARGET,
-        help=f"server address host:port (default {DEFAULT_TARGET})",
+        default=os.environ.get(TARGET_ENV) or DEFAULT_TARGET,
+        help=f"server address host:port (default ${TARGET_ENV}, else {DEFAULT_TARGET})",
     )
     parser.add_argument(
         "--service",
