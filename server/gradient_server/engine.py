@@ -38,6 +38,13 @@ class Limits:
     """Estimated bytes of all the values a request computes (as if none were freed)."""
     max_check_evaluations: int = 20_000
     """Forward passes one CheckGradient request may run (two per element or direction)."""
+    max_flops: int = 10**12
+    """Estimated work of all the ops a request runs, in flops (the unit of the cost section
+    of ops/base.py, about 60e9 a second on the machine the defaults were measured on: some
+    17 seconds); for CheckGradient, of all its forward passes."""
+    max_op_flops: int = 10**10
+    """Estimated work of any one op, in flops. Deadlines and cancellation are checked between
+    ops, so this bounds how long a request runs past them: about 0.17 s on that machine."""
 
 
 @dataclass(frozen=True)
@@ -323,7 +330,33 @@ class Engine:
                 f"the request would compute about {plan.estimated_bytes} bytes; the limit "
                 f"(max_bytes) is {self.limits.max_bytes}"
             )
+        self._check_flops(plan, types)
         return plan
+
+    def _check_flops(self, plan: Plan, types: Mapping[str, TensorType]) -> None:
+        """LimitExceeded if the plan's estimated work, or that of one of its ops, is over the
+        limits (max_op_flops, max_flops)."""
+        node = plan.largest_op
+        if node is None:
+            return
+        operands = ", ".join(str(types[s]) for s in node.inputs) or "none"
+        largest = (
+            f"{node.describe()}, operands {operands}, would take about "
+            f"{_flops(plan.largest_op_flops)} flops"
+        )
+        if plan.largest_op_flops > self.limits.max_op_flops:
+            raise LimitExceeded(
+                f"{largest}; the limit for one op (max_op_flops) is "
+                f"{_flops(self.limits.max_op_flops)}",
+                limit="max_op_flops",
+            )
+        if plan.estimated_flops > self.limits.max_flops:
+            raise LimitExceeded(
+                f"the request would take about {_flops(plan.estimated_flops)} flops (the "
+                f"largest op: {largest}); the limit (max_flops) is "
+                f"{_flops(self.limits.max_flops)}",
+                limit="max_flops",
+            )
 
     @staticmethod
     def _signature(feed_types: Mapping[str, TensorType]) -> tuple:
@@ -339,6 +372,28 @@ class Engine:
         check_deadline: Callable[[], None] = no_deadline,
     ) -> dict[str, np.ndarray]:
         """The values of the `fetch` nodes (every node when empty)."""
+        prepared = self._prepare_forward(graph, feeds, fetch, check_deadline)
+        values = prepared.plan.run(feeds, check_deadline, self.op_times)
+        return {name: values[name] for name in prepared.fetch}
+
+    def forward_plan(
+        self,
+        graph: Graph,
+        feeds: Mapping[str, np.ndarray],
+        fetch: Sequence[str] = (),
+        check_deadline: Callable[[], None] = no_deadline,
+    ) -> Plan:
+        """The plan forward() would run for these feeds' types: compiled (and cached) and
+        checked against the limits, but not run."""
+        return self._prepare_forward(graph, feeds, fetch, check_deadline).plan
+
+    def _prepare_forward(
+        self,
+        graph: Graph,
+        feeds: Mapping[str, np.ndarray],
+        fetch: Sequence[str],
+        check_deadline: Callable[[], None],
+    ) -> _Prepared:
         key = ("call:forward", graph.digest, tuple(fetch), *_signature_of(feeds))
         prepared = self._plans.get(key)
         if prepared is None:
@@ -360,8 +415,7 @@ class Engine:
             prepared = _Prepared(plan, tuple(fetch_names))
             self._plans.get_or_make(key, lambda: prepared, _held)
         assert isinstance(prepared, _Prepared)
-        values = prepared.plan.run(feeds, check_deadline, self.op_times)
-        return {name: values[name] for name in prepared.fetch}
+        return prepared
 
     # -- Gradient -------------------------------------------------------------------------
 
@@ -554,6 +608,11 @@ class Engine:
         if seed.dtype.kind != "f":
             raise GraphError(f"seed must be a float tensor, got {seed.dtype.name}")
         return seed.astype(out_type.dtype, copy=False)
+
+
+def _flops(count: int) -> str:
+    """A count of flops as a person reads it: 3 significant digits."""
+    return f"{count:.3g}"
 
 
 @functools.lru_cache(maxsize=256)

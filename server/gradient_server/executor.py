@@ -77,6 +77,12 @@ class Plan:
             ),
             default=0,
         )
+        # The work of every op, estimated from its call (the cost section of ops/base.py):
+        # in all, and of the costliest op (its node is None when there are no steps).
+        costs = [(step.node.opdef.estimated_cost(step.call), step.node) for step in self.steps]
+        self.estimated_flops: int = sum(cost for cost, _ in costs)
+        largest: tuple[int, Node | None] = max(costs, key=lambda c: c[0], default=(0, None))
+        self.largest_op_flops, self.largest_op = largest
 
     def run(
         self,

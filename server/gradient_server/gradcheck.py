@@ -113,7 +113,9 @@ def check_gradient(
         graph64, feeds64, output, seed.astype(FLOAT64), names, names, check_deadline
     )
 
-    _charge(engine, analytic.gradients, settings)
+    # Each finite difference runs the forward pass, or less of it (a node made an input).
+    forward = engine.forward_plan(graph64, feeds64, [output], check_deadline)
+    _charge(engine, analytic.gradients, settings, forward.estimated_flops)
     nodes: dict[str, NodeCheck] = {}
     for name in names:
         if name not in analytic.gradients:
@@ -131,8 +133,14 @@ def check_gradient(
     return CheckReport(nodes, dict(analytic.skipped))
 
 
-def _charge(engine: Engine, gradients: Mapping[str, np.ndarray], settings: CheckSettings) -> None:
-    """LimitExceeded if the check would run more forward passes than the server allows."""
+def _charge(
+    engine: Engine,
+    gradients: Mapping[str, np.ndarray],
+    settings: CheckSettings,
+    forward_flops: int,
+) -> None:
+    """LimitExceeded if the check would run more forward passes than the server allows, or
+    forward passes of more flops in all (max_flops)."""
     per_node = [
         settings.directions
         if settings.directions > 0
@@ -145,6 +153,14 @@ def _charge(engine: Engine, gradients: Mapping[str, np.ndarray], settings: Check
         raise LimitExceeded(
             f"the check needs {evaluations} forward passes; the limit (max_check_evaluations) is "
             f"{limit}: set max_elements or directions to check a sample"
+        )
+    work = evaluations * forward_flops
+    if work > engine.limits.max_flops:
+        raise LimitExceeded(
+            f"the check needs {evaluations} forward passes of about {forward_flops:.3g} flops, "
+            f"{work:.3g} in all; the limit (max_flops) is {engine.limits.max_flops:.3g}: set "
+            "max_elements or directions to check a sample",
+            limit="max_flops",
         )
 
 

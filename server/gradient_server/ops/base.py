@@ -102,6 +102,93 @@ ForwardFn = Callable[..., np.ndarray]
 BackwardFn = Callable[[Emitter, GradCall, Ref], Sequence[Ref | None]]
 
 
+# ---------------------------------------------------------------------------------------------
+# Costs
+#
+# An op's cost is the work of its forward in flops, estimated from its call (operand types,
+# result type, attributes) before anything runs. The unit is the floating-point operation of a
+# BLAS matrix product, where a multiply-add counts 2: a (m, k) @ (k, n) product costs 2*m*k*n.
+# The rest of numpy's work goes element by element (memory-bound passes over arrays, libm
+# calls, strided gathers, Python loops over kernel positions) and is far slower per operation
+# than BLAS, so it is charged in the same unit by its time: the flops a matrix product does in
+# that time on the calibration machine (2 cores, numpy 2.4 with OpenBLAS, float64 matmul about
+# 60 GFLOP/s: 1 ns is about 60 flops). benchmarks/calibrate_costs.py measures every op against
+# its estimate. A cost is thus a time estimate, and the engine's flop limits bound how long a
+# request, and any one of its ops, can run: deadlines are checked between ops, not inside one.
+#
+# Estimates assume C-contiguous operands and an otherwise idle machine. A view whose elements
+# lie apart in memory (a transpose's result) costs nothing where it is made, and a
+# memory-bound op reading it beside a contiguous operand can take 3 to 4 times its estimate
+# (reshape, which then copies, is charged for that).
+
+MULTIPLY_ADD = 2
+"""Flops of one multiply-add of a float matrix product (BLAS)."""
+
+INT_MULTIPLY_ADD = 500
+"""Flops charged for one multiply-add of an integer matrix product: numpy computes those
+without BLAS, at 2 to 8 ns each (the larger the matrices, the slower)."""
+
+ELEMENT = 50
+"""Flops charged for each element an op reads in one pass over a contiguous array (0.8 ns);
+writing an element to a new array counts twice."""
+
+TRANSCENDENTAL = 700
+"""Flops charged for each evaluation of a transcendental function (exp: 12 ns in float64)."""
+
+GATHER = 1000
+"""Flops charged for each element read or written where consecutive accesses lie far apart
+in memory (through indices or a strided view), a cache miss each: about 15 ns."""
+
+LOOP_STEP = 300_000
+"""Flops charged for each step of a Python loop inside an op (over kernel positions): 5 us."""
+
+
+def elements(*types: TensorType) -> int:
+    """The number of elements of the given types together."""
+    return sum(t.size for t in types)
+
+
+def default_cost(call: Call) -> int:
+    """One pass reading every operand and writing the result: ELEMENT flops for each element
+    read, twice that for each one written, and an operand of another dtype than the result's
+    is converted first (read and written once more).
+
+    Right, within a factor of two, for elementwise ops without transcendental functions
+    (broadcast operands count their own size), reductions (their input dominates), casts and
+    copies; an upper bound for sources of zeros (fresh pages cost their first writer) and
+    comparisons (whose bool results are small).
+    """
+    dtype = call.type.dtype
+    read = sum(t.size * (1 if t.dtype == dtype else 3) for t in call.input_types)
+    return ELEMENT * (read + 2 * call.type.size)
+
+
+def pass_cost(passes: float = 1.0, transcendental: float = 0.0) -> Callable[[Call], int]:
+    """A cost rule for an op making `passes` passes like default_cost's over its operands
+    and result, and evaluating `transcendental` functions per element of its largest operand
+    or result (softmax: a max, a subtraction, an exp, a sum and a division: passes=3,
+    transcendental=1)."""
+
+    def cost(call: Call) -> int:
+        largest = max(t.size for t in (*call.input_types, call.type))
+        return round(passes * default_cost(call) + transcendental * TRANSCENDENTAL * largest)
+
+    return cost
+
+
+def no_cost(call: Call) -> int:
+    """The cost of an op that does no work proportional to its data when it runs: an input, a
+    constant, or a view (transpose, slice, broadcast_to, expand_dims, squeeze)."""
+    return 0
+
+
+def strided_cost(count: int, run: int) -> int:
+    """Flops of reading (or updating) `count` elements in runs of `run` consecutive ones, the
+    runs far apart: two contiguous passes' worth, plus a cache miss per run (at most one per
+    8 elements, a cache line of float64)."""
+    return count * (2 * ELEMENT + (GATHER - 2 * ELEMENT) // min(max(run, 1), 8))
+
+
 @dataclass(frozen=True)
 class OpDef:
     """One op: its operands, attributes, shape/dtype rule, forward and gradient rule.
@@ -109,6 +196,7 @@ class OpDef:
     infer(attrs, *input_types) -> TensorType raises ShapeError for bad operands.
     forward(call, *arrays) -> np.ndarray computes the value in numpy.
     workspace(call) -> int, if set, bounds the bytes forward allocates besides its result.
+    cost(call) -> int, if set, estimates the flops forward takes (default_cost otherwise).
     backward(b, call, g) -> one Ref or None per operand: the gradient of the output with
     respect to that operand given the output's gradient g. It may return a gradient of a
     broadcast shape or of another float dtype: the engine sums it to the operand's shape and
@@ -127,6 +215,11 @@ class OpDef:
     workspace: Callable[[Call], int] | None = None
     """Bytes the forward function allocates beyond its result (e.g. unfolded windows), so the
     engine can charge them against the request's memory limit before running."""
+    cost: Callable[[Call], int] | None = None
+    """Estimated floating-point operations of forward, in the unit of the module's cost
+    section (a multiply-add of a matrix product is 2; numpy's passes over arrays and its
+    transcendental functions are charged their time's worth), so the engine can charge them
+    against the request's work limits before running. None: default_cost."""
     bind: Callable[[Call], Callable[..., np.ndarray] | None] | None = None
     """A function computing this call from the operands alone, chosen once when the plan is
     built (e.g. numpy's own, when no operand needs a cast), or None to use forward."""
@@ -143,6 +236,10 @@ class OpDef:
         if not self.differentiable:
             return False
         return self.differentiable[min(index, len(self.differentiable) - 1)]
+
+    def estimated_cost(self, call: Call) -> int:
+        """The flops forward takes for `call`, by the op's cost rule or default_cost."""
+        return (self.cost or default_cost)(call)
 
     def attr_spec(self, name: str) -> AttrSpec | None:
         """The declaration of attribute `name`, or None."""

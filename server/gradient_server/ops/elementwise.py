@@ -11,7 +11,17 @@ from collections.abc import Callable
 import numpy as np
 
 from ..tensor_type import TensorType, broadcast_shapes, float_dtype, promote
-from .base import AttrSpec, Call, Emitter, GradCall, OpDef, Ref, ShapeError, register
+from .base import (
+    AttrSpec,
+    Call,
+    Emitter,
+    GradCall,
+    OpDef,
+    Ref,
+    ShapeError,
+    pass_cost,
+    register,
+)
 
 
 def _broadcast(*types: TensorType) -> tuple[int, ...]:
@@ -57,8 +67,10 @@ def _binary(
     grad: Callable[[Emitter, Ref, Ref, Ref, Ref], tuple[Ref | None, Ref | None]],
     *,
     floating: bool = False,
+    cost: Callable[[Call], int] | None = None,
 ) -> OpDef:
-    """Declare a broadcasting binary op. floating=True computes ints in float64 (div, pow)."""
+    """Declare a broadcasting binary op. floating=True computes ints in float64 (div, pow).
+    cost: its cost rule, default_cost if None."""
 
     def infer(attrs, a: TensorType, b: TensorType) -> TensorType:
         dtype, weak = promote(a, b)
@@ -72,7 +84,9 @@ def _binary(
         x, y = call.inputs
         return grad(b, x, y, call.out, g)
 
-    return register(OpDef(name, doc, ("x", "y"), infer, forward, backward, bind=_direct(fn)))
+    return register(
+        OpDef(name, doc, ("x", "y"), infer, forward, backward, bind=_direct(fn), cost=cost)
+    )
 
 
 _binary("add", "x + y, broadcasting.", np.add, lambda b, x, y, out, g: (g, g))
@@ -97,7 +111,14 @@ def _pow_grad(b: Emitter, x: Ref, y: Ref, out: Ref, g: Ref):
     return b.mul(g, dx), b.mul(g, dy)
 
 
-_binary("pow", "x ** y in floating point, broadcasting.", np.power, _pow_grad, floating=True)
+_binary(
+    "pow",
+    "x ** y in floating point, broadcasting.",
+    np.power,
+    _pow_grad,
+    floating=True,
+    cost=pass_cost(transcendental=2),  # exp(y * log(x)), in effect
+)
 
 
 def _tie_weight(b: Emitter, wins: Ref, x: Ref, y: Ref) -> Ref:
@@ -138,11 +159,13 @@ def _unary(
     grad: Callable[[Emitter, Ref, Ref, Ref], Ref | None],
     *,
     floating: bool = True,
+    cost: Callable[[Call], int] | None = None,
 ) -> OpDef:
     """Declare an elementwise unary op.
 
     floating=True: computes in float (ints and bools in float64); otherwise keeps the dtype.
     grad(b, x, out, g) returns the gradient with respect to x.
+    cost: its cost rule, default_cost if None (right for ops without transcendental functions).
     """
 
     def infer(attrs, x: TensorType) -> TensorType:
@@ -155,7 +178,7 @@ def _unary(
     def backward(b: Emitter, call: GradCall, g: Ref):
         return (grad(b, call.inputs[0], call.out, g),)
 
-    return register(OpDef(name, doc, ("x",), infer, forward, backward, bind=_direct(fn)))
+    return register(OpDef(name, doc, ("x",), infer, forward, backward, bind=_direct(fn), cost=cost))
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -168,9 +191,15 @@ def _relu(x: np.ndarray) -> np.ndarray:
 
 
 _unary("neg", "-x.", np.negative, lambda b, x, out, g: b.neg(g), floating=False)
-_unary("exp", "e ** x.", np.exp, lambda b, x, out, g: b.mul(g, out))
-_unary("log", "Natural logarithm.", np.log, lambda b, x, out, g: b.div(g, x))
-_unary("sqrt", "Square root.", np.sqrt, lambda b, x, out, g: b.div(b.mul(g, 0.5), out))
+_unary("exp", "e ** x.", np.exp, lambda b, x, out, g: b.mul(g, out), cost=pass_cost(1, 1))
+_unary("log", "Natural logarithm.", np.log, lambda b, x, out, g: b.div(g, x), cost=pass_cost(1, 1))
+_unary(
+    "sqrt",
+    "Square root.",
+    np.sqrt,
+    lambda b, x, out, g: b.div(b.mul(g, 0.5), out),
+    cost=pass_cost(1.5),
+)
 _unary("square", "x * x.", np.square, lambda b, x, out, g: b.mul(g, b.mul(2, x)), floating=False)
 _unary(
     "abs",
@@ -187,13 +216,18 @@ _unary(
     floating=False,
 )
 _unary(
-    "tanh", "Hyperbolic tangent.", np.tanh, lambda b, x, out, g: b.mul(g, b.sub(1, b.square(out)))
+    "tanh",
+    "Hyperbolic tangent.",
+    np.tanh,
+    lambda b, x, out, g: b.mul(g, b.sub(1, b.square(out))),
+    cost=pass_cost(1, 1.5),
 )
 _unary(
     "sigmoid",
     "1 / (1 + e ** -x), computed without overflow.",
     _sigmoid,
     lambda b, x, out, g: b.mul(g, b.mul(out, b.sub(1, out))),
+    cost=pass_cost(3, 3),  # two negations, logaddexp (an exp and a log1p) and an exp
 )
 # relu'(0) = 0 (as in PyTorch and JAX): the gradient passes only where x > 0 strictly.
 _unary(
@@ -262,19 +296,34 @@ def _softplus(x: np.ndarray) -> np.ndarray:
     return np.logaddexp(0, x)
 
 
-_unary("sin", "Sine.", np.sin, lambda b, x, out, g: b.mul(g, b.cos(x)))
-_unary("cos", "Cosine.", np.cos, lambda b, x, out, g: b.neg(b.mul(g, b.sin(x))))
+_unary("sin", "Sine.", np.sin, lambda b, x, out, g: b.mul(g, b.cos(x)), cost=pass_cost(1, 1))
 _unary(
-    "log1p", "log(1 + x), accurate near 0.", np.log1p, lambda b, x, out, g: b.div(g, b.add(x, 1))
+    "cos",
+    "Cosine.",
+    np.cos,
+    lambda b, x, out, g: b.neg(b.mul(g, b.sin(x))),
+    cost=pass_cost(1, 1.5),
 )
 _unary(
-    "expm1", "e ** x - 1, accurate near 0.", np.expm1, lambda b, x, out, g: b.mul(g, b.add(out, 1))
+    "log1p",
+    "log(1 + x), accurate near 0.",
+    np.log1p,
+    lambda b, x, out, g: b.div(g, b.add(x, 1)),
+    cost=pass_cost(1, 1.5),
+)
+_unary(
+    "expm1",
+    "e ** x - 1, accurate near 0.",
+    np.expm1,
+    lambda b, x, out, g: b.mul(g, b.add(out, 1)),
+    cost=pass_cost(1, 2),
 )
 _unary(
     "softplus",
     "log(1 + e ** x), computed without overflow.",
     _softplus,
     lambda b, x, out, g: b.mul(g, b.sigmoid(x)),
+    cost=pass_cost(1, 3),  # logaddexp: an exp and a log1p, and their branches
 )
 _unary(
     "reciprocal",
@@ -304,6 +353,7 @@ register(
             b.where(b.greater(call.inputs[0], 0), g, b.mul(g, call.attrs["alpha"])),
         ),
         attrs=(AttrSpec("alpha", "float", 0.01, "Slope for x <= 0."),),
+        cost=pass_cost(4),  # a comparison, a product and a where
     )
 )
 

@@ -12,6 +12,8 @@ import numpy as np
 
 from ..tensor_type import TensorType, promote
 from .base import (
+    ELEMENT,
+    GATHER,
     AttrSpec,
     Call,
     Emitter,
@@ -21,8 +23,11 @@ from .base import (
     Ref,
     ShapeError,
     check_shape_attr,
+    no_cost,
     normalize_axis,
+    pass_cost,
     register,
+    strided_cost,
 )
 
 
@@ -54,6 +59,7 @@ register(
         lambda call, x: x.reshape(call.type.shape),
         _reshape_back,
         attrs=(AttrSpec("axis", "axes", doc="Positions of the new axes in the result."),),
+        cost=no_cost,  # a view, whatever the layout of x
     )
 )
 
@@ -76,6 +82,7 @@ register(
         lambda call, x: x.reshape(call.type.shape),
         _reshape_back,
         attrs=(AttrSpec("axis", "axes", None, "Axes to remove (each of size 1); default all."),),
+        cost=no_cost,  # a view, whatever the layout of x
     )
 )
 
@@ -101,6 +108,7 @@ register(
             AttrSpec("start_axis", "int", 0, "First axis to merge."),
             AttrSpec("end_axis", "int", -1, "Last axis to merge."),
         ),
+        cost=pass_cost(3),  # as reshape's: a copy when x is strided
     )
 )
 
@@ -154,6 +162,7 @@ register(
             b.unslice(g, shape=list(call.inputs[0].shape), **_slice_attrs(call.attrs)),
         ),
         attrs=_SLICE_ATTRS,
+        cost=no_cost,  # a view
     )
 )
 
@@ -181,6 +190,7 @@ register(
         _unslice_forward,
         lambda b, call, g: (b.slice(g, **_slice_attrs(call.attrs)),),
         attrs=(AttrSpec("shape", "ints", doc="Shape of the result."), *_SLICE_ATTRS),
+        cost=pass_cost(1.5),  # zeros, and x written into a strided slice of them
     )
 )
 
@@ -231,6 +241,7 @@ register(
             AttrSpec("pads", "ints", doc="(before, after) counts for each axis, flattened."),
             AttrSpec("value", "float", 0.0, "The padding value."),
         ),
+        cost=pass_cost(2),  # the padded result, then x copied into its middle
     )
 )
 
@@ -278,6 +289,7 @@ register(
         _concat_grad,
         attrs=(AttrSpec("axis", "int", 0, "The axis to join along."),),
         variadic=True,
+        cost=pass_cost(2),  # each input copied into a strided part of the result
     )
 )
 
@@ -313,6 +325,7 @@ register(
         _stack_grad,
         attrs=(AttrSpec("axis", "int", 0, "Position of the new axis in the result."),),
         variadic=True,
+        cost=pass_cost(2),  # each input copied into a strided part of the result
     )
 )
 
@@ -345,6 +358,15 @@ def _take_forward(call: Call, x: np.ndarray, indices: np.ndarray) -> np.ndarray:
     return np.take(x, _valid_indices(indices, x.shape[axis]), axis=axis)
 
 
+def _take_cost(call: Call) -> int:
+    # The indices are checked (a min and a max); each one copies a run of the elements after
+    # the axis, far from the previous run.
+    x, indices = call.input_types
+    axis = call.attrs["axis"] % len(x.shape)
+    run = math.prod(x.shape[axis + 1 :])
+    return 2 * ELEMENT * indices.size + strided_cost(call.type.size, run)
+
+
 register(
     OpDef(
         "take",
@@ -361,6 +383,7 @@ register(
         ),
         differentiable=(True, False),
         attrs=(AttrSpec("axis", "int", 0, "The axis to index."),),
+        cost=_take_cost,
     )
 )
 
@@ -395,6 +418,14 @@ def _scatter_add_forward(call: Call, updates: np.ndarray, indices: np.ndarray) -
     return out
 
 
+def _scatter_add_cost(call: Call) -> int:
+    # Zeros, the indices checked, and np.add.at: 4 to 15 ns an update along the first axis,
+    # twice that along another (the updates are read through a moved axis).
+    updates, indices = call.input_types
+    per_update = GATHER if call.attrs["axis"] % len(call.type.shape) == 0 else 2 * GATHER
+    return ELEMENT * (2 * call.type.size + 2 * indices.size) + per_update * updates.size
+
+
 register(
     OpDef(
         "scatter_add",
@@ -409,6 +440,7 @@ register(
             AttrSpec("shape", "ints", doc="Shape of the result."),
             AttrSpec("axis", "int", 0, "The axis the indices address."),
         ),
+        cost=_scatter_add_cost,
     )
 )
 
@@ -426,6 +458,12 @@ def _one_hot_forward(call: Call, indices: np.ndarray) -> np.ndarray:
     return (np.arange(depth) == (indices % max(depth, 1))[..., None]).astype(call.type.dtype)
 
 
+def _one_hot_cost(call: Call) -> int:
+    # The indices are checked and reduced modulo depth; each is compared with the depth
+    # classes (numpy's inner loop costs some 25 ns an index) into a bool array, then cast.
+    return ELEMENT * (3 * call.type.size + 30 * call.input_types[0].size)
+
+
 register(
     OpDef(
         "one_hot",
@@ -437,5 +475,6 @@ register(
             AttrSpec("depth", "int", doc="Number of classes."),
             AttrSpec("dtype", "dtype", "float64", "dtype of the result."),
         ),
+        cost=_one_hot_cost,
     )
 )

@@ -5,7 +5,19 @@ from __future__ import annotations
 import numpy as np
 
 from ..tensor_type import TensorType, promote
-from .base import Call, Emitter, GradCall, OpDef, Ref, ShapeError, register
+from .base import (
+    ELEMENT,
+    INT_MULTIPLY_ADD,
+    MULTIPLY_ADD,
+    Call,
+    Emitter,
+    GradCall,
+    OpDef,
+    Ref,
+    ShapeError,
+    default_cost,
+    register,
+)
 
 
 def _matmul_infer(attrs, a: TensorType, b: TensorType) -> TensorType:
@@ -38,6 +50,15 @@ def _matmul_infer(attrs, a: TensorType, b: TensorType) -> TensorType:
 def _matmul_forward(call: Call, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     dtype = call.type.dtype
     return np.matmul(a.astype(dtype, copy=False), b.astype(dtype, copy=False))
+
+
+def _matmul_cost(call: Call) -> int:
+    # Each element of the result is a dot product over the contracted dimension (the last of
+    # x): BLAS for floats, numpy's own loops for ints. Writing the result costs more than a
+    # pass when the dimension is short (an outer product: 5 ns an element).
+    depth = call.input_types[0].shape[-1]
+    per = MULTIPLY_ADD if call.type.dtype.kind == "f" else INT_MULTIPLY_ADD
+    return per * call.type.size * depth + default_cost(call) + 4 * ELEMENT * call.type.size
 
 
 def _swap_last(b: Emitter, x: Ref) -> Ref:
@@ -82,5 +103,6 @@ register(
         _matmul_infer,
         _matmul_forward,
         _matmul_grad,
+        cost=_matmul_cost,
     )
 )

@@ -13,6 +13,10 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from ..tensor_type import TensorType, float_dtype, promote
 from .base import (
+    ELEMENT,
+    GATHER,
+    LOOP_STEP,
+    MULTIPLY_ADD,
     AttrSpec,
     Call,
     Emitter,
@@ -22,7 +26,9 @@ from .base import (
     Ref,
     ShapeError,
     normalize_axis,
+    pass_cost,
     register,
+    strided_cost,
 )
 from .reductions import _logsumexp
 
@@ -79,6 +85,7 @@ register(
         lambda call, x: _softmax(x.astype(call.type.dtype, copy=False), call.attrs["axis"]),
         _softmax_grad,
         attrs=(_axis_attr(),),
+        cost=pass_cost(3, 1),  # a max, a subtraction, an exp, a sum and a division
     )
 )
 register(
@@ -90,6 +97,7 @@ register(
         lambda call, x: _log_softmax(x.astype(call.type.dtype, copy=False), call.attrs["axis"]),
         _log_softmax_grad,
         attrs=(_axis_attr(),),
+        cost=pass_cost(3, 1),  # logsumexp (a max, a subtraction, an exp, a sum), a subtraction
     )
 )
 
@@ -147,6 +155,9 @@ register(
         _cross_entropy_grad,
         differentiable=(True, False),
         attrs=(AttrSpec("reduction", "string", "mean", "mean, sum or none."),),
+        # The labels checked, log_softmax over the logits, a gather and a reduction; its
+        # passes count on the logits, much larger than the result.
+        cost=pass_cost(9, 1),
     )
 )
 
@@ -297,6 +308,142 @@ def _max_pool_grad_workspace(call: Call) -> int:
     return 2 * _padded_bytes(x.shape, padding, itemsize) + routing
 
 
+# Costs (see the cost section of ops/base.py). The windows of an NCHW array are read in runs
+# of a kernel row (kw elements, or 1 when dilated); a result gathered across channels, or
+# windows added back at a stride, touch one element a cache line.
+
+WINDOW_REDUCE = 5000
+"""Flops charged per result of a reduction over windows (a max, mean or sum over the two small
+strided kernel axes of a window view): numpy's iterator takes some 80 ns per result."""
+
+
+def _window_counts(
+    x_shape: tuple[int, ...], out_hw: tuple[int, ...], kernel, padding
+) -> tuple[int, int]:
+    """The elements of the (N, C, Ho, Wo, kh, kw) windows of an NCHW array, and of its padded
+    copy."""
+    n, c, h, w = x_shape
+    unfolded = n * c * out_hw[0] * out_hw[1] * kernel[0] * kernel[1]
+    return unfolded, n * c * (h + 2 * padding[0]) * (w + 2 * padding[1])
+
+
+def _run(kernel, dilation) -> int:
+    """Consecutive elements of a window's row in memory."""
+    return kernel[1] if dilation[1] == 1 else 1
+
+
+def _scatter_cost(unfolded: int, kernel, stride) -> int:
+    """Windows' values added back into an array: a Python step per kernel position, each
+    adding into every stride-th element."""
+    return LOOP_STEP * kernel[0] * kernel[1] + strided_cost(unfolded, max(1, 8 // stride[1]))
+
+
+def _conv_parts(call: Call, x_shape, g_shape, w_shape):
+    """Multiply-adds, window elements, padded elements and the window geometry of a conv2d
+    of an x, a w and a result g of these shapes."""
+    kernel = w_shape[2:]
+    stride, padding, dilation = _conv_geometry(call.attrs, w_shape)
+    unfolded, padded = _window_counts(x_shape, g_shape[2:], kernel, padding)
+    return unfolded * w_shape[0], unfolded, padded, kernel, stride, dilation
+
+
+def _conv_cost(call: Call) -> int:
+    # The padded copy; the windows copied out for the product (in runs of a kernel row); the
+    # product; the result moved from NHWC to NCHW (a gather across channels).
+    x, w = call.input_types
+    macs, unfolded, padded, kernel, _, dilation = _conv_parts(
+        call, x.shape, call.type.shape, w.shape
+    )
+    return (
+        MULTIPLY_ADD * macs
+        + strided_cost(unfolded, _run(kernel, dilation))
+        + GATHER * call.type.size
+        + ELEMENT * (x.size + w.size + 2 * padded)
+    )
+
+
+def _conv_input_grad_cost(call: Call) -> int:
+    # g moved to NHWC (a gather), the product written as windows, which are then read across
+    # channels and added back at the stride, kernel position by kernel position.
+    g, w = call.input_types
+    macs, unfolded, padded, kernel, stride, _ = _conv_parts(call, call.type.shape, g.shape, w.shape)
+    return (
+        MULTIPLY_ADD * macs
+        + GATHER * g.size
+        + (2 * ELEMENT + GATHER) * unfolded
+        + _scatter_cost(unfolded, kernel, stride)
+        + ELEMENT * (w.size + 2 * padded)
+    )
+
+
+def _conv_weight_grad_cost(call: Call) -> int:
+    # The padded copy of x, its windows copied out for the product, g rearranged, the product.
+    x, g = call.input_types
+    macs, unfolded, padded, kernel, _, dilation = _conv_parts(
+        call, x.shape, g.shape, call.type.shape
+    )
+    return (
+        MULTIPLY_ADD * macs
+        + strided_cost(unfolded, _run(kernel, dilation))
+        + ELEMENT * (x.size + 2 * padded + 3 * g.size + 2 * call.type.size)
+    )
+
+
+def _window_reduction_cost(results: int, unfolded: int, kernel, dilation) -> int:
+    return WINDOW_REDUCE * results + strided_cost(unfolded, _run(kernel, dilation))
+
+
+def _pool_cost(call: Call) -> int:
+    # The padded copy and a reduction over its windows.
+    x = call.input_types[0]
+    kernel, _, padding, dilation = _pool_geometry(call.attrs)
+    unfolded, padded = _window_counts(x.shape, call.type.shape[2:], kernel, padding)
+    return _window_reduction_cost(call.type.size, unfolded, kernel, dilation) + ELEMENT * (
+        x.size + 2 * padded + 2 * call.type.size
+    )
+
+
+def _avg_pool_grad_cost(call: Call) -> int:
+    # Each window's share, spread back kernel position by kernel position.
+    g = call.input_types[0]
+    kernel, stride, padding, _ = _pool_geometry(call.attrs)
+    unfolded, padded = _window_counts(call.type.shape, g.shape[2:], kernel, padding)
+    return ELEMENT * (3 * g.size + unfolded + 2 * padded) + _scatter_cost(unfolded, kernel, stride)
+
+
+def _routing_cost(call: Call, x: TensorType, pooled: TensorType) -> tuple[int, int]:
+    """The cost of _routing over x's padded windows (two window reductions and four passes
+    over the windows) and the number of window elements."""
+    kernel, _, padding, dilation = _pool_geometry(call.attrs)
+    unfolded, padded = _window_counts(x.shape, pooled.shape[2:], kernel, padding)
+    reductions = 2 * _window_reduction_cost(pooled.size, unfolded, kernel, dilation)
+    return reductions + ELEMENT * (12 * unfolded + 2 * padded), unfolded
+
+
+def _max_pool_grad_cost(call: Call) -> int:
+    # The routing, times g, added back kernel position by kernel position into zeros.
+    x, g = call.input_types
+    routing, unfolded = _routing_cost(call, x, g)
+    kernel, stride, padding, _ = _pool_geometry(call.attrs)
+    padded = _window_counts(x.shape, g.shape[2:], kernel, padding)[1]
+    return (
+        routing
+        + GATHER * unfolded
+        + _scatter_cost(unfolded, kernel, stride)
+        + ELEMENT * (2 * padded + 3 * x.size)
+    )
+
+
+def _max_pool_gather_cost(call: Call) -> int:
+    # The routing, times u's windows, summed over each window.
+    x, u = call.input_types
+    routing, unfolded = _routing_cost(call, x, call.type)
+    kernel, _, padding, dilation = _pool_geometry(call.attrs)
+    padded = _window_counts(x.shape, call.type.shape[2:], kernel, padding)[1]
+    reduction = _window_reduction_cost(call.type.size, unfolded, kernel, dilation)
+    return routing + reduction + ELEMENT * (u.size + 2 * padded + 3 * call.type.size)
+
+
 # ---------------------------------------------------------------------------------------------
 # Convolution
 
@@ -359,6 +506,7 @@ register(
         _conv2d_grad,
         attrs=_conv_attrs(),
         workspace=_conv_workspace,
+        cost=_conv_cost,
     )
 )
 
@@ -402,6 +550,7 @@ register(
         _conv2d_input_grad_grad,
         attrs=(AttrSpec("input_shape", "ints", doc="Shape of conv2d's input."), *_conv_attrs()),
         workspace=_conv_input_grad_workspace,
+        cost=_conv_input_grad_cost,
     )
 )
 
@@ -442,6 +591,7 @@ register(
         _conv2d_weight_grad_grad,
         attrs=(AttrSpec("weight_shape", "ints", doc="Shape of conv2d's weight."), *_conv_attrs()),
         workspace=_conv_weight_grad_workspace,
+        cost=_conv_weight_grad_cost,
     )
 )
 
@@ -500,6 +650,7 @@ register(
         ),
         attrs=_pool_attrs(),
         workspace=_pool_workspace,
+        cost=_pool_cost,
     )
 )
 
@@ -529,6 +680,7 @@ register(
         lambda b, call, u: (b.avg_pool2d(u, **_pool_attr_values(call.attrs)),),
         attrs=(AttrSpec("input_shape", "ints", doc="Shape of avg_pool2d's input."), *_pool_attrs()),
         workspace=_avg_pool_grad_workspace,
+        cost=_avg_pool_grad_cost,
     )
 )
 
@@ -560,6 +712,7 @@ register(
         lambda b, call, g: (b.max_pool2d_grad(call.inputs[0], g, **_pool_attr_values(call.attrs)),),
         attrs=_pool_attrs(),
         workspace=_pool_workspace,
+        cost=_pool_cost,
     )
 )
 
@@ -592,6 +745,7 @@ register(
         differentiable=(False, True),
         attrs=_pool_attrs(),
         workspace=_max_pool_grad_workspace,
+        cost=_max_pool_grad_cost,
     )
 )
 
@@ -624,5 +778,6 @@ register(
         differentiable=(False, True),
         attrs=_pool_attrs(),
         workspace=_max_pool_grad_workspace,
+        cost=_max_pool_gather_cost,
     )
 )
