@@ -10,7 +10,7 @@ import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from gradient.v1 import gradient_service_pb2 as service_pb2
@@ -894,6 +894,11 @@ fuzzed_responses = st.binary(max_size=60) | response_bytes.flatmap(mutated)
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(fuzzed_responses)
+# A field number of 2**29 (one past protobuf's largest), once accepted as an unknown field.
+@example(
+    b"\x12\x12\x08\x00\x08\x00\x80\x80\x80\x80\x10\x00\x08\x00\x1a\x04\x00\x00\x00\x00"
+    b"\x12\x0c\x08\x00\x12\x08\x08\x01\x1a\x04\x00\x00\x00\x00"
+)
 def test_decode_of_arbitrary_bytes_fails_cleanly_or_agrees_with_protobuf(data):
     try:
         decoded = decode(data, GradientResponse)

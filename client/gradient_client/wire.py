@@ -346,6 +346,19 @@ def _read_length(data: bytes, pos: int) -> tuple[int, int]:
     return length, after
 
 
+_MAX_FIELD_NUMBER = (1 << 29) - 1
+
+
+def _read_key(data: bytes, pos: int) -> tuple[int, int, int]:
+    """A field's key: (field number, wire type, position after it). Protobuf's field numbers
+    run from 1 to 2**29 - 1."""
+    key, pos = _read_varint(data, pos)
+    number = key >> 3
+    if not 0 < number <= _MAX_FIELD_NUMBER:
+        raise WireFormatError(f"field number {number} is not valid")
+    return number, key & 7, pos
+
+
 def _skip(data: bytes, pos: int, wire_type: int, end: int, number: int = 0) -> int:
     """The position after a field's value (wire types other than LEN)."""
     if wire_type == _VARINT:
@@ -357,8 +370,7 @@ def _skip(data: bytes, pos: int, wire_type: int, end: int, number: int = 0) -> i
     if wire_type == _START_GROUP:  # a deprecated group in an unknown field: skip to its end
         open_groups = [number]
         while open_groups:
-            key, pos = _read_varint(data, pos)
-            inner, inner_number = key & 7, key >> 3
+            inner_number, inner, pos = _read_key(data, pos)
             if inner == _START_GROUP:
                 open_groups.append(inner_number)
                 if len(open_groups) > _MAX_GROUP_DEPTH:
@@ -386,10 +398,7 @@ def _scan(data: bytes, spans: list[tuple[int, int]]):
         pos = start
         while pos < end:
             field_start = pos
-            key, pos = _read_varint(data, pos)
-            number, wire_type = key >> 3, key & 7
-            if number == 0:
-                raise WireFormatError("field number 0 is not valid")
+            number, wire_type, pos = _read_key(data, pos)
             if wire_type == _LEN:
                 length, pos = _read_length(data, pos)
                 value_start, pos = pos, pos + length
