@@ -16,6 +16,7 @@ from google.protobuf.message import DecodeError
 from gradient.v1 import graph_pb2
 from gradient_client import wire
 
+from .admission import MemoryBudget
 from .autodiff import GradientGraph, directional_derivative, gradient_graph
 from .errors import GraphError, LimitExceeded, UnknownGraph, no_deadline
 from .executor import OpTimes, Plan
@@ -207,9 +208,15 @@ class Engine:
     types is cached, so a repeated graph with new input values skips straight to numpy."""
 
     def __init__(
-        self, limits: Limits | None = None, cache_size: int = 512, cache_bytes: int = 1 << 30
+        self,
+        limits: Limits | None = None,
+        cache_size: int = 512,
+        cache_bytes: int = 1 << 30,
+        budget: MemoryBudget | None = None,
     ):
         self.limits = limits or Limits()
+        self.budget = budget
+        """The process's memory budget, which admits each run (None: no admission control)."""
         # Entries are weighed by what they hold (constants, nodes, plan steps): a quarter of
         # the budget for decoded graphs, the rest for what is compiled from them. A graph
         # heavier than its share is served but not cached.
@@ -236,6 +243,16 @@ class Engine:
             seconds,
             self.op_times.snapshot() if self.op_times is not None else {},
         )
+
+    def _run(
+        self, plan: Plan, feeds: Mapping[str, np.ndarray], check_deadline: Callable[[], None]
+    ) -> dict[str, np.ndarray]:
+        """Run a plan once the memory budget admits it: its values as if none were freed,
+        its largest scratch space, and the copies of its results in the response."""
+        if self.budget is None:
+            return plan.run(feeds, check_deadline, self.op_times)
+        with self.budget.admitted(plan.estimated_bytes + plan.fetched_bytes, check_deadline):
+            return plan.run(feeds, check_deadline, self.op_times)
 
     def _compiled(self, key: Hashable, compile_plan: Callable[[], object]) -> object:
         """The plan cached under `key`, or compile_plan() timed (and cached)."""
@@ -285,7 +302,8 @@ class Engine:
         if graph is None:
             raise UnknownGraph(
                 f"graph digest {digest[:16]!r}... is not known to this server (it restarted, "
-                "evicted the graph, or is another replica): send the graph itself"
+                "evicted the graph, or is another replica): send the graph itself",
+                digest=digest,
             )
         return graph
 
@@ -295,7 +313,8 @@ class Engine:
         if len(message.nodes) > self.limits.max_nodes:
             raise LimitExceeded(
                 f"graph has {len(message.nodes)} nodes; the limit (max_nodes) is "
-                f"{self.limits.max_nodes}"
+                f"{self.limits.max_nodes}",
+                limit="max_nodes",
             )
         return decode_graph(message, check_deadline, digest)
 
@@ -313,7 +332,8 @@ class Engine:
         if value.size > self.limits.max_tensor_elements:
             raise LimitExceeded(
                 f"{what} has {value.size} elements; the limit (max_tensor_elements) is "
-                f"{self.limits.max_tensor_elements}"
+                f"{self.limits.max_tensor_elements}",
+                limit="max_tensor_elements",
             )
         return TensorType(value.dtype, value.shape)
 
@@ -323,12 +343,14 @@ class Engine:
             name = next(s.node.name for s in plan.steps if types[s.node.name] is largest)
             raise LimitExceeded(
                 f"node {name!r} would hold {largest.size} elements; the limit "
-                f"(max_tensor_elements) is {self.limits.max_tensor_elements}"
+                f"(max_tensor_elements) is {self.limits.max_tensor_elements}",
+                limit="max_tensor_elements",
             )
         if plan.estimated_bytes > self.limits.max_bytes:
             raise LimitExceeded(
                 f"the request would compute about {plan.estimated_bytes} bytes; the limit "
-                f"(max_bytes) is {self.limits.max_bytes}"
+                f"(max_bytes) is {self.limits.max_bytes}",
+                limit="max_bytes",
             )
         self._check_flops(plan, types)
         return plan
@@ -373,7 +395,7 @@ class Engine:
     ) -> dict[str, np.ndarray]:
         """The values of the `fetch` nodes (every node when empty)."""
         prepared = self._prepare_forward(graph, feeds, fetch, check_deadline)
-        values = prepared.plan.run(feeds, check_deadline, self.op_times)
+        values = self._run(prepared.plan, feeds, check_deadline)
         return {name: values[name] for name in prepared.fetch}
 
     def forward_plan(
@@ -495,9 +517,7 @@ class Engine:
             seed_value = prepared.default_seed
         else:
             seed_value = self._seed_value(graph, output, prepared.seed_type, seed)
-        values = prepared.plan.run(
-            {**feeds, prepared.seed: seed_value}, check_deadline, self.op_times
-        )
+        values = self._run(prepared.plan, {**feeds, prepared.seed: seed_value}, check_deadline)
         return GradientResult(
             values={name: values[name] for name in prepared.fetch},
             gradients={name: values[grad] for name, grad in prepared.gradients},
@@ -585,7 +605,7 @@ class Engine:
         }
         for name, node in compiled.vectors.items():
             run_feeds[node] = vector[name].astype(feed_types[name].dtype, copy=False)
-        values = compiled.plan.run(run_feeds, check_deadline, self.op_times)
+        values = self._run(compiled.plan, run_feeds, check_deadline)
         return {name: values[grad] for name, grad in compiled.gradients.items()}
 
     @staticmethod

@@ -77,6 +77,10 @@ class Plan:
             ),
             default=0,
         )
+        # The fetched values are copied once more, into the response.
+        self.fetched_bytes = sum(
+            types[name].size * types[name].dtype.itemsize for name in fetch if name in types
+        )
         # The work of every op, estimated from its call (the cost section of ops/base.py):
         # in all, and of the costliest op (its node is None when there are no steps).
         costs = [(step.node.opdef.estimated_cost(step.call), step.node) for step in self.steps]

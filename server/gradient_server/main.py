@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -16,6 +17,7 @@ import grpc
 
 from gradient_client.client import DEFAULT_MAX_MESSAGE_MB, check_message_mb
 
+from .admission import MemoryBudget, default_budget
 from .auth import TokenError, Tokens, server_credentials
 from .calllog import CallLog, JsonFormatter
 from .engine import Engine, Limits
@@ -65,6 +67,31 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=defaults.max_bytes,
         help="largest estimated memory of one request's values",
+    )
+    parser.add_argument(
+        "--max-flops",
+        type=_flops,
+        default=defaults.max_flops,
+        help="largest estimated work of one request, in flops (a multiply-add counts 2; other "
+        "numpy work is charged by its time, about 6e10 flops a second on 2 cores); beyond it "
+        "the request is refused with RESOURCE_EXHAUSTED before anything runs (default 1e12)",
+    )
+    parser.add_argument(
+        "--max-op-flops",
+        type=_flops,
+        default=defaults.max_op_flops,
+        help="largest estimated work of any one op, in flops; deadlines and cancellation are "
+        "checked between ops, so this bounds how long a request runs past them (default "
+        "1e10, about 0.2 s)",
+    )
+    parser.add_argument(
+        "--memory-budget",
+        type=_positive,
+        default=None,
+        metavar="MB",
+        help="estimated memory of all the requests running at once, in MiB (default: 70%% of "
+        "the cgroup's memory limit, else of physical memory, shared among --workers); a "
+        "request that does not fit waits up to 2 s, then is refused with RESOURCE_EXHAUSTED",
     )
     parser.add_argument(
         "--max-concurrent-rpcs",
@@ -157,6 +184,18 @@ def _positive(text: str) -> int:
     return value
 
 
+def _flops(text: str) -> int:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not (math.isfinite(value) and value >= 1):
+        raise argparse.ArgumentTypeError(
+            f"expected a number of flops of at least 1, like 1e12, got {text!r}"
+        )
+    return int(value)
+
+
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -184,12 +223,20 @@ def serve(args: argparse.Namespace, slot: int = 0) -> None:
     # SIGHUP reads the token file again (and is otherwise ignored, not fatal).
     signal.signal(signal.SIGHUP, lambda *_: _reload(tokens) if tokens is not None else None)
     limits = Limits(
-        args.max_nodes, args.max_tensor_elements, args.max_bytes, args.max_check_evaluations
+        max_nodes=args.max_nodes,
+        max_tensor_elements=args.max_tensor_elements,
+        max_bytes=args.max_bytes,
+        max_check_evaluations=args.max_check_evaluations,
+        max_flops=args.max_flops,
+        max_op_flops=args.max_op_flops,
+    )
+    budget = (
+        args.memory_budget << 20 if args.memory_budget is not None else default_budget(args.workers)
     )
     try:
         server, port = create_server(
             f"{args.host}:{args.port}",
-            engine=Engine(limits, cache_bytes=args.cache_mb << 20),
+            engine=Engine(limits, cache_bytes=args.cache_mb << 20, budget=MemoryBudget(budget)),
             threads=args.threads,
             max_message_mb=args.max_message_mb,
             max_sessions=args.max_sessions,
