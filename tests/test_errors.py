@@ -733,9 +733,9 @@ def _cycle(length: int) -> graph_pb2.Graph:
     return graph_of(*(node(f"n{i}", "neg", f"n{(i + 1) % length}") for i in range(length)))
 
 
-def _long_list_reshape() -> graph_pb2.Graph:
+def _long_list_reshape(values: list[int]) -> graph_pb2.Graph:
     reshape = node("r", "reshape", "x")
-    reshape.attrs["shape"].ints.values.extend([1] * 1_000_000)
+    reshape.attrs["shape"].ints.values.extend(values)
     return graph_of(node("x", "input"), reshape)
 
 
@@ -745,9 +745,22 @@ def _long_list_reshape() -> graph_pb2.Graph:
         (_cycle(2000), ["node 'n0' (op neg) is on a cycle", "characters cut"]),
         (graph_of(node("x" * 100_000, "neg", "missing")), ["(op neg)", "'missing'"]),
         (graph_of(node("a", "o" * 100_000)), ["node 'a': unknown op 'ooo"]),
-        (_long_list_reshape(), ["node 'r' (op reshape): cannot reshape [3]"]),
+        (
+            _long_list_reshape([1] * 1_000_000),
+            ["node 'r' (op reshape): attribute 'shape' lists 1000000 values; at most 128"],
+        ),
+        (
+            _long_list_reshape([10**18] * 128),
+            ["node 'r' (op reshape): cannot reshape [3]", "characters cut"],
+        ),
     ],
-    ids=["cycle of 2000 nodes", "100 KB node name", "100 KB op name", "1M-long attribute"],
+    ids=[
+        "cycle of 2000 nodes",
+        "100 KB node name",
+        "100 KB op name",
+        "1M-long attribute",
+        "128 huge dimensions",
+    ],
 )
 def test_status_messages_are_bounded_yet_name_the_node(client, stub, graph, fragments):
     request = service_pb2.ForwardRequest(graph=graph, inputs={"x": to_proto(np.zeros(3))})

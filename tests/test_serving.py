@@ -1160,6 +1160,25 @@ def test_the_sampled_fraction_must_be_a_fraction():
         CallLog(1.5)
 
 
+def test_an_expired_deadline_is_logged_as_deadline_exceeded():
+    """Many short deadlines on a long call: each is DEADLINE_EXCEEDED for the client and in the
+    server's log (not CANCELLED, which gRPC's own deadline timer could suggest)."""
+    call_log = RecordingCallLog()
+    g = Graph()
+    w = h = g.input("w")
+    for _ in range(3000):
+        h = g.matmul(h, w)
+    with running_server(call_log=call_log) as address, GradientClient(address) as client:
+        client.forward(g, {"w": np.eye(200)}, fetch=[h.name])  # compiled once, for the shape
+        for timeout in (0.05, 0.1, 0.2, 0.3):
+            with pytest.raises(GradientError) as expired:
+                client.forward(g, {"w": np.eye(200) * 0.5}, fetch=[h.name], timeout=timeout)
+            assert expired.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        codes = lambda: [code for _, code, _ in call_log.of("Forward")]  # noqa: E731
+        assert wait_until(lambda: len(codes()) == 5, timeout=30)
+    assert codes() == [grpc.StatusCode.OK] + [grpc.StatusCode.DEADLINE_EXCEEDED] * 4
+
+
 def test_a_cancelled_call_stops_its_work_and_the_server_serves_the_next():
     """One request thread: the next call is served soon after the cancel, so the heavy call's
     remaining ops (many seconds of matmuls) were not run; the call is logged as CANCELLED."""

@@ -72,7 +72,9 @@ class Call:
         if now >= self._next_probe:
             self._next_probe = now + self.CANCEL_PROBE
             if not self.context.is_active():
-                raise Cancelled
+                # gRPC ends a call at its deadline too (its clock started a little earlier).
+                remaining = self.context.time_remaining()
+                raise DeadlineExceeded if remaining is not None and remaining <= 0 else Cancelled
 
     def seconds(self) -> float:
         """Seconds since the call began."""
@@ -221,7 +223,9 @@ def _details(
     elif isinstance(error, UnknownGraph):
         details.append(
             error_details_pb2.ResourceInfo(
-                resource_type="gradient.v1.Graph", resource_name=error.digest, description=message
+                resource_type="gradient.v1.Graph",
+                resource_name=bounded(error.digest, MAX_DETAIL),
+                description=message,
             )
         )
     if retry_after is not None:

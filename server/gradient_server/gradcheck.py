@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -92,8 +93,15 @@ def check_gradient(
     random normal seed.
     """
     check_output(graph, output)
-    if settings.eps <= 0:
-        raise GraphError("eps must be positive")
+    if not (math.isfinite(settings.eps) and settings.eps > 0):
+        raise GraphError(f"eps must be a positive finite number, got {settings.eps}", field="eps")
+    for name in ("atol", "rtol"):
+        tolerance = getattr(settings, name)
+        if not tolerance >= 0:  # NaN is not
+            raise GraphError(
+                f"{name} must be a number of at least 0 (inf accepts any error), got {tolerance}",
+                field=name,
+            )
     rng = np.random.default_rng(settings.random_seed)
     graph64 = in_float64(graph)
     feeds64 = {
@@ -152,7 +160,8 @@ def _charge(
     if evaluations > limit:
         raise LimitExceeded(
             f"the check needs {evaluations} forward passes; the limit (max_check_evaluations) is "
-            f"{limit}: set max_elements or directions to check a sample"
+            f"{limit}: set max_elements or directions to check a sample",
+            limit="max_check_evaluations",
         )
     work = evaluations * forward_flops
     if work > engine.limits.max_flops:

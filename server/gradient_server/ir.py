@@ -28,6 +28,14 @@ from .tensor_type import TensorType
 NODE_BYTES = 600
 """Memory a decoded node takes (its name, op, inputs and attributes), measured on chains."""
 
+MAX_LIST_ATTR = 128
+"""Values a list attribute may hold: its lists are per dimension (a shape, axes, strides, or
+two pads per dimension), and numpy arrays have at most 64 dimensions. Checked before the list
+is converted, so a request cannot make the server build a huge one."""
+
+LIST_ITEM_BYTES = 40
+"""Memory an item of an attribute list takes: a pointer and a Python number."""
+
 
 @dataclass(frozen=True)
 class Node:
@@ -63,14 +71,26 @@ class Graph:
             for value in node.attrs.values()
             if isinstance(value, np.ndarray)
         )
+        # What a node holds beyond NODE_BYTES: long names and attribute lists.
+        self.extra_bytes = sum(
+            len(node.name)
+            + len(node.op)
+            + sum(len(source) for source in node.inputs)
+            + sum(
+                LIST_ITEM_BYTES * len(value) if isinstance(value, tuple) else 0
+                for value in node.attrs.values()
+            )
+            for node in self.nodes.values()
+        )
 
     def __len__(self) -> int:
         return len(self.nodes)
 
     @property
     def held_bytes(self) -> int:
-        """About how much memory the graph holds: its constants and its nodes."""
-        return self.constant_bytes + NODE_BYTES * len(self.nodes)
+        """About how much memory the graph holds: its constants, its nodes, their names and
+        attribute lists."""
+        return self.constant_bytes + self.extra_bytes + NODE_BYTES * len(self.nodes)
 
     def __getitem__(self, name: str) -> Node:
         return self.nodes[name]
@@ -119,6 +139,12 @@ def _decode_attr(node_name: str, op: str, spec: AttrSpec, value: graph_pb2.AttrV
         return value.s
     if kind == "bool" and field == "b":
         return bool(value.b)
+    if field in ("ints", "floats"):
+        count = len(getattr(value, field).values)
+        if count > MAX_LIST_ATTR:
+            raise GraphError(
+                f"{where} lists {count} values; at most {MAX_LIST_ATTR} (one or two per dimension)"
+            )
     if kind in ("ints", "axes") and field in ("ints", "i"):
         return tuple(int(v) for v in value.ints.values) if field == "ints" else (int(value.i),)
     if kind == "floats" and field in ("floats", "f"):

@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 
 
 METHOD = "Session"
+MIN_MESSAGE_BYTES = 1 << 16
+"""The smallest message size limit a client may state for its session's responses."""
 KIND = "BIDI_STREAM"
 
 
@@ -172,6 +174,12 @@ class _Session:
         if fields.output and fields.output not in graph:
             raise GraphError(f"output names {fields.output!r}, which is not a node of the graph")
         limit = self.servicer.max_message_bytes
+        if 0 < fields.max_message_bytes < MIN_MESSAGE_BYTES:
+            raise GraphError(
+                f"start.max_message_bytes is {fields.max_message_bytes}: give 0 (the server's "
+                f"limit) or at least {MIN_MESSAGE_BYTES}",
+                field="start.max_message_bytes",
+            )
         if fields.max_message_bytes > 0:
             limit = min(limit, fields.max_message_bytes)
         self.spec = _Spec(

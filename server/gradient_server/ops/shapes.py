@@ -186,11 +186,13 @@ register(
 def _broadcast_to_infer(attrs, x: TensorType) -> TensorType:
     shape = tuple(attrs["shape"])
     check_shape_attr(shape)
-    try:
-        if np.broadcast_shapes(x.shape, shape) != shape:
-            raise ValueError
-    except ValueError:
-        raise ShapeError(f"cannot broadcast {list(x.shape)} to {list(shape)}") from None
+    # numpy's rule, in Python integers: numpy refuses shapes of over 2**63 elements with the
+    # same ValueError as a mismatch, and such a shape is a limit's to refuse, not a mismatch.
+    fits = len(shape) >= len(x.shape) and all(
+        have in (1, want) for have, want in zip(reversed(x.shape), reversed(shape), strict=False)
+    )
+    if not fits:
+        raise ShapeError(f"cannot broadcast {list(x.shape)} to {list(shape)}")
     return TensorType(x.dtype, shape, x.weak)
 
 
