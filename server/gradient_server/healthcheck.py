@@ -21,10 +21,26 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gradient_client import security
 
-DEFAULT_TARGET = "127.0.0.1:50051"
+PORT_ENV = "GRADIENT_PORT"
+"""The environment variable of the server's port, read by gradient-server (its --port
+overrides it) and by this probe, so that a container sets its port in one place."""
+
 TARGET_ENV = "GRADIENT_HEALTHCHECK_TARGET"
-"""The environment variable naming the default target: a container whose server speaks TLS
-points its HEALTHCHECK at the plaintext health port with it (e.g. 127.0.0.1:8081)."""
+"""The environment variable naming the probe's target outright: a container whose server
+speaks TLS points its HEALTHCHECK at the plaintext health port with it (e.g. 127.0.0.1:8081)."""
+
+
+def default_port() -> int:
+    """The port of $GRADIENT_PORT, else 50051."""
+    text = os.environ.get(PORT_ENV, "")
+    return int(text) if text.isdigit() else 50051
+
+
+def default_target() -> str:
+    """$GRADIENT_HEALTHCHECK_TARGET, else 127.0.0.1 on the server's default port."""
+    return os.environ.get(TARGET_ENV) or f"127.0.0.1:{default_port()}"
+
+
 DEFAULT_TIMEOUT = 3.0
 
 _PROG = "gradient-healthcheck"
@@ -53,8 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--target",
-        default=os.environ.get(TARGET_ENV) or DEFAULT_TARGET,
-        help=f"server address host:port (default ${TARGET_ENV}, else {DEFAULT_TARGET})",
+        default=default_target(),
+        help=f"server address host:port (default ${TARGET_ENV}, else 127.0.0.1:${PORT_ENV}, "
+        "else 127.0.0.1:50051)",
     )
     parser.add_argument(
         "--service",

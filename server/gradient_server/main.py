@@ -21,6 +21,7 @@ from .admission import MemoryBudget, default_budget
 from .auth import TokenError, Tokens, server_credentials
 from .calllog import CallLog, JsonFormatter
 from .engine import Engine, Limits
+from .healthcheck import default_port
 from .service import create_server
 
 log = logging.getLogger("gradient_server")
@@ -39,7 +40,12 @@ def _parser() -> argparse.ArgumentParser:
         description="Serve gradient.v1.GradientService (with gRPC health and reflection).",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all)")
-    parser.add_argument("--port", type=int, default=50051, help="port to bind (default 50051)")
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=default_port(),
+        help="port to bind (default $GRADIENT_PORT, else 50051)",
+    )
     parser.add_argument(
         "--workers",
         type=int,
