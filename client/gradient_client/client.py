@@ -19,6 +19,7 @@ from gradient.v1 import gradient_service_pb2 as service_pb2
 from gradient.v1 import graph_pb2
 
 from . import wire
+from .channel import channel_options
 from .errors import GradientError
 from .graph import Graph, Node
 from .security import TLS, token_metadata
@@ -332,15 +333,16 @@ _RESPONSE_TYPES = {
 }
 
 
-def _channel_options(max_message_mb: int, connections: int) -> list[tuple[str, Any]]:
+def _channel_options(
+    max_message_mb: int,
+    connections: int,
+    service_config: Mapping[str, Any] | str | None,
+    options: Sequence[tuple[str, Any]],
+) -> list[tuple[str, Any]]:
     size = check_message_mb(max_message_mb) * 1024 * 1024
-    options: list[tuple[str, Any]] = [
-        ("grpc.max_receive_message_length", size),
-        ("grpc.max_send_message_length", size),
-    ]
     if connections > 1:  # each channel its own connection, not one shared subchannel
-        options.append(("grpc.use_local_subchannel_pool", 1))
-    return options
+        options = [("grpc.use_local_subchannel_pool", 1), *options]
+    return channel_options(size, service_config=service_config, options=options)
 
 
 def _make_channels(module: Any, target: str, credentials, options, count: int) -> list[Any]:
@@ -397,26 +399,47 @@ def decode_response(data: bytes, method: str) -> WireMessage:
 
 
 class _KnownGraphs:
-    """Digests of the graphs this client has sent (bounded): later calls send the digest."""
+    """Digests of the graphs this client has sent (bounded): later calls send the digest.
+
+    Behind a load balancer, calls on one graph reach several servers, and the call that sends
+    the graph again after a NOT_FOUND may reach another server than the one that answered it.
+    So after a NOT_FOUND the graph is sent whole on the next few calls as well (twice as many
+    after each further miss, up to WHOLE_AFTER_MISS), until every server has it.
+    """
+
+    WHOLE_AFTER_MISS = 64
 
     def __init__(self, size: int = 1024):
         self._size = size
-        self._digests: OrderedDict[str, None] = OrderedDict()
+        self._digests: OrderedDict[str, list[int]] = OrderedDict()  # [misses, whole sends due]
         self._lock = threading.Lock()
 
-    def __contains__(self, digest: object) -> bool:
-        return digest in self._digests
-
-    def add(self, digest: str) -> None:
+    def send_digest(self, digest: str) -> bool:
+        """Whether the next call on this graph sends its digest (rather than the graph)."""
         with self._lock:
-            self._digests[digest] = None
+            entry = self._digests.get(digest)
+            if entry is None:
+                return False
+            if entry[1] > 0:
+                entry[1] -= 1
+                return False
+            return True
+
+    def sent(self, digest: str) -> None:
+        """The graph was sent whole and accepted."""
+        with self._lock:
+            self._digests.setdefault(digest, [0, 0])
             self._digests.move_to_end(digest)
             while len(self._digests) > self._size:
                 self._digests.popitem(last=False)
 
-    def discard(self, digest: str) -> None:
+    def missed(self, digest: str) -> None:
+        """A server answered NOT_FOUND to the digest."""
         with self._lock:
-            self._digests.pop(digest, None)
+            entry = self._digests.get(digest)
+            if entry is not None:
+                entry[0] += 1
+                entry[1] = min(2 ** entry[0], self.WHOLE_AFTER_MISS)
 
 
 def _with_digest(request: WireMessage, graph: WireGraph) -> WireMessage:
@@ -444,6 +467,14 @@ class GradientClient:
     processes. A graph is sent whole once; later calls on it send only its digest (and send
     it whole again if the server answers that it does not hold it).
 
+    `target` is any gRPC target: `host:port`, `dns:///name:port` (every address the name
+    resolves to, e.g. a headless Kubernetes Service), `ipv4:a:p,b:p`. Calls are balanced
+    round-robin over its addresses and retried on UNAVAILABLE (up to 5 attempts, within the
+    call's deadline; every RPC of the service is idempotent), and connections are kept alive
+    with pings: see gradient_client.channel for each default and why. `service_config`
+    (a dict or JSON) replaces that default service config; `options` are channel arguments
+    added to (or overriding) the SDK's.
+
     Security: `tls=True` speaks TLS trusting the system's roots, `tls=TLS(ca=..., cert=...,
     key=...)` a given CA and (for mutual TLS) a client certificate; `token` is sent as
     `authorization: Bearer <token>` on every call. A refused TLS handshake or token raises
@@ -460,11 +491,15 @@ class GradientClient:
         connections: int = 1,
         tls: bool | TLS | None = None,
         token: str | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+        service_config: Mapping[str, Any] | str | None = None,
     ):
         credentials, tls_options = _security(credentials, tls)
         self.tls = credentials is not None
-        options = _channel_options(max_message_mb, connections) + tls_options
-        channels = _make_channels(grpc, target, credentials, options, connections)
+        settings = _channel_options(
+            max_message_mb, connections, service_config, [*tls_options, *options]
+        )
+        channels = _make_channels(grpc, target, credentials, settings, connections)
         metadata = token_metadata(token)
         self._connections = [_Connection(channel, metadata) for channel in channels]
         self._next = itertools.cycle(self._connections)
@@ -500,15 +535,15 @@ class GradientClient:
     ) -> WireMessage:
         """Call with the graph's digest if it was sent before, else (or if the server does not
         hold it) with the graph itself."""
-        if graph.digest in self._known:
+        if self._known.send_digest(graph.digest):
             try:
                 return self._call(method, _with_digest(request, graph), timeout)
             except GradientError as error:
                 if error.code != grpc.StatusCode.NOT_FOUND:
                     raise
-                self._known.discard(graph.digest)
+                self._known.missed(graph.digest)
         response = self._call(method, _with_graph(request, graph), timeout)
-        self._known.add(graph.digest)
+        self._known.sent(graph.digest)
         return response
 
     def forward(
@@ -702,11 +737,15 @@ class AsyncGradientClient:
         connections: int = 1,
         tls: bool | TLS | None = None,
         token: str | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+        service_config: Mapping[str, Any] | str | None = None,
     ):
         credentials, tls_options = _security(credentials, tls)
         self.tls = credentials is not None
-        options = _channel_options(max_message_mb, connections) + tls_options
-        channels = _make_channels(grpc.aio, target, credentials, options, connections)
+        settings = _channel_options(
+            max_message_mb, connections, service_config, [*tls_options, *options]
+        )
+        channels = _make_channels(grpc.aio, target, credentials, settings, connections)
         metadata = token_metadata(token)
         self._connections = [_Connection(channel, metadata) for channel in channels]
         self._next = itertools.cycle(self._connections)
@@ -738,15 +777,15 @@ class AsyncGradientClient:
         self, method: str, request: WireMessage, graph: WireGraph, timeout: float | None
     ) -> WireMessage:
         """See GradientClient._call_on_graph."""
-        if graph.digest in self._known:
+        if self._known.send_digest(graph.digest):
             try:
                 return await self._call(method, _with_digest(request, graph), timeout)
             except GradientError as error:
                 if error.code != grpc.StatusCode.NOT_FOUND:
                     raise
-                self._known.discard(graph.digest)
+                self._known.missed(graph.digest)
         response = await self._call(method, _with_graph(request, graph), timeout)
-        self._known.add(graph.digest)
+        self._known.sent(graph.digest)
         return response
 
     async def forward(

@@ -451,6 +451,10 @@ def create_server(
             # noticed and its call ended within about a minute and a half.
             ("grpc.keepalive_time_ms", 60_000),
             ("grpc.keepalive_timeout_ms", 20_000),
+            # Accept the SDK's keepalive pings (every 60 s, idle connections included): by
+            # default gRPC tolerates one per 5 minutes without calls and closes the rest.
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 30_000),
         ],
     )
     servicer = GradientServicer(
