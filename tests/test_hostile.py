@@ -59,6 +59,8 @@ FLAGS = (
     f"--max-concurrent-rpcs={MAX_CONCURRENT}",
     "--cache-mb=8",
     "--threads=4",
+    "--max-op-flops=1e8",
+    "--max-flops=1e9",
 )
 RSS_TOLERANCE = 0.10
 MiB = 1 << 20
@@ -939,6 +941,33 @@ graph_case(
     EXHAUSTED,
     "'m'",
     "max_tensor_elements",
+)
+graph_case(
+    "zeros feeding a matmul over max_op_flops",
+    "F",
+    G(
+        N("a", "zeros", shape=[900, 1000], dtype="float64"),
+        N("b", "zeros", shape=[1000, 900], dtype="float64"),
+        N("m", "matmul", "a", "b"),
+        N("f", "sum", "m"),
+    ),
+    {},
+    EXHAUSTED,
+    "'m'",
+    "max_op_flops",
+)
+graph_case(
+    "a chain of matmuls over max_flops",
+    "F",
+    G(
+        N("w", "zeros", shape=[200, 200], dtype="float64"),
+        N("m0", "matmul", "w", "w"),
+        *(N(f"m{i}", "matmul", f"m{i - 1}", "w") for i in range(1, 80)),
+        N("f", "sum", "m79"),
+    ),
+    {},
+    EXHAUSTED,
+    "max_flops",
 )
 graph_case(
     "zeros of 2^124 elements",
