@@ -166,3 +166,25 @@ def test_a_pick_first_client_sends_everything_to_one_replica(tmp_path):
                 lecture_call(client)
         counts = sorted(answered(server) for server in servers)
     assert counts == [0, 0, 30]
+
+
+def test_max_connection_age_makes_clients_reconnect(tmp_path):
+    """With --max-connection-age, a client's connection is replaced after that age (a client
+    balancing over DNS then resolves the name again); no call fails for it."""
+    server = ServerProcess(tmp_path / "aged.log", "--log-calls", "1", "--max-connection-age", "0.5")
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            server.wait_serving(channel)
+        with GradientClient(server.target, timeout=30) as client:
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline:
+                lecture_call(client)
+                time.sleep(0.05)
+        peers = set(
+            re.findall(r"method=Gradient code=OK .*? peer=(\S+)", server.log_path.read_text())
+        )
+    finally:
+        server.process.terminate()
+        server.process.wait(timeout=30)
+        server.close()
+    assert len(peers) >= 3, peers  # a new connection (a new client port) about every 0.5 s

@@ -122,6 +122,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--grace", type=float, default=10.0, help="seconds in-flight calls get at shutdown"
     )
+    parser.add_argument(
+        "--max-connection-age",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="ask each client to reconnect after this long (default 0: never), so that "
+        "clients balancing over DNS find replicas added since; calls in flight finish",
+    )
     security = parser.add_argument_group(
         "security", "TLS, mutual TLS and bearer tokens (see the README's security model)"
     )
@@ -253,6 +261,7 @@ def serve(args: argparse.Namespace, slot: int = 0) -> None:
             credentials=credentials,
             tokens=tokens,
             health_address=f"{args.health_host}:{args.health_port}" if args.health_port else None,
+            max_connection_age=args.max_connection_age,
         )
         if args.metrics_port:
             metrics_host = args.metrics_host or args.host

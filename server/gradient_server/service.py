@@ -422,6 +422,7 @@ def create_server(
     credentials: grpc.ServerCredentials | None = None,
     tokens: Tokens | None = None,
     health_address: str | None = None,
+    max_connection_age: float = 0.0,
 ) -> tuple[GradientServer, int]:
     """Build (but do not start) a server bound to `address`; returns it and the bound port.
 
@@ -434,6 +435,9 @@ def create_server(
     With `credentials` (auth.server_credentials) the port speaks TLS; with `tokens`, every
     call but health checks needs a bearer token. `health_address` adds a plaintext port
     serving only the health service (for probes that speak neither TLS nor tokens).
+    `max_connection_age` (seconds, 0 for none) asks clients to reconnect that often, so that
+    those balancing over DNS (a headless Service) find replicas added since they connected;
+    calls in flight, sessions included, finish on the old connection.
     """
     max_bytes = check_message_mb(max_message_mb) * 1024 * 1024
     server = grpc.server(
@@ -455,6 +459,11 @@ def create_server(
             # default gRPC tolerates one per 5 minutes without calls and closes the rest.
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 30_000),
+            *(
+                [("grpc.max_connection_age_ms", int(max_connection_age * 1000))]
+                if max_connection_age > 0
+                else []
+            ),
         ],
     )
     servicer = GradientServicer(
