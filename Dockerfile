@@ -1,18 +1,23 @@
-# syntax=docker/dockerfile:1
-#
-# Container image of the gradient service (gRPC on port 50051, with health and reflection).
+# Container image of the gradient service (gRPC with health and reflection, on $GRADIENT_PORT:
+# 50051 unless set).
 #
 #   docker build -t gradient-service .
 #   docker run --rm -p 50051:50051 gradient-service
 #   docker run --rm -p 50051:50051 gradient-service --workers 4 --threads 16
+#   docker run --rm -e GRADIENT_PORT=50061 -p 50061:50061 gradient-service
 #
-# Arguments after the image name are appended to `gradient-server --host 0.0.0.0 --port 50051`
-# (the last --host/--port given wins). The HEALTHCHECK asks 127.0.0.1:50051, so keep that port
-# inside the container and remap it with -p instead. A server with TLS or mutual TLS
+# GRADIENT_PORT is the one port setting: gradient-server serves on it and the HEALTHCHECK
+# (gradient-healthcheck) asks 127.0.0.1 on it. Arguments after the image name are appended to
+# `gradient-server --host 0.0.0.0`; a --port given there overrides GRADIENT_PORT for the server
+# only, so change the port with -e GRADIENT_PORT instead. A server with TLS or mutual TLS
 # (--tls-cert ...) also serves plaintext health on --health-port 8081 (127.0.0.1 inside the
 # container) for it:
 #   docker run ... -e GRADIENT_HEALTHCHECK_TARGET=127.0.0.1:8081 gradient-service \
 #       --tls-cert /certs/tls.crt --tls-key /certs/tls.key --health-port 8081
+#
+# The image needs no writable file: it runs with --read-only --cap-drop ALL
+# --security-opt no-new-privileges and no tmpfs. `make docker-test` builds and runs it so;
+# tests/test_container_run.py does the same without a Docker daemon.
 
 # ---- builder: build the project's wheel (only the wheel; dependencies come from PyPI below) ----
 FROM python:3.11-slim AS builder
@@ -48,8 +53,12 @@ RUN groupadd --system --gid 10001 gradient \
 # Numeric so that Kubernetes' runAsNonRoot can verify it.
 USER 10001:10001
 
+# The one port setting: gradient-server serves on $GRADIENT_PORT, and gradient-healthcheck asks
+# 127.0.0.1:$GRADIENT_PORT. EXPOSE documents the default only.
+ENV GRADIENT_PORT=50051
 EXPOSE 50051
 
+# No --target: the probe follows GRADIENT_PORT (or GRADIENT_HEALTHCHECK_TARGET, when set).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
     CMD ["gradient-healthcheck", "--timeout", "3"]
 
@@ -57,4 +66,5 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
 # 10 s by default): give `docker stop` a longer timeout (-t) than --grace.
 STOPSIGNAL SIGTERM
 
-ENTRYPOINT ["gradient-server", "--host", "0.0.0.0", "--port", "50051"]
+# No --port: the server serves on $GRADIENT_PORT.
+ENTRYPOINT ["gradient-server", "--host", "0.0.0.0"]
