@@ -1016,9 +1016,9 @@ def test_float32_graph_stays_float32(client, engine, row):
     out_shape = engine.forward(graph, feeds64, fetch=[out.name])[out.name].shape
     seed32 = np.asarray(rng.standard_normal(out_shape), dtype=np.float32)
 
-    r32 = client.gradient(g, output=out, inputs=feeds32, wrt=list(feeds32), seed=seed32)
+    r32 = client.gradient(g, output=out, inputs=feeds32, wrt=float_names, seed=seed32)
     r64 = client.gradient(
-        g, output=out, inputs=feeds64, wrt=list(feeds64), seed=seed32.astype(np.float64)
+        g, output=out, inputs=feeds64, wrt=float_names, seed=seed32.astype(np.float64)
     )
 
     # Constants keep their own dtype (a weak Python float is a float64 constant).
@@ -1111,9 +1111,7 @@ def test_float_input_feeding_only_a_comparison_gets_zero_gradient(client, op):
     mask = g.cast(g.op(op, g.input("x"), g.input("y"), name="mask"), "float64")
     out = g.mul(mask, g.input("z"), name="out")
 
-    result = client.gradient(
-        g, output=out, inputs={"x": x, "y": y, "z": z}, wrt=["x", "y", "z", "mask"], seed=seed
-    )
+    result = client.gradient(g, output=out, inputs={"x": x, "y": y, "z": z}, seed=seed)
 
     # The output is piecewise constant in x and y: their gradient is exactly 0.
     for name, value in (("x", x), ("y", y)):

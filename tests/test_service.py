@@ -597,17 +597,20 @@ def test_int_and_bool_nodes_are_skipped_with_a_reason(client):
     positive = g.greater(x, 0.0, name="positive")
     g.sum(g.mul(x, k, name="xk"), name="loss")
     inputs = {"x": np.array([1.5, -2.0]), "k": np.array([3, 4], dtype=np.int64)}
-    r = client.gradient(g, "loss", inputs, wrt=["x", "k", positive], fetch=["loss"])
-    assert set(r.gradients) == {"x"}
+    r = client.gradient(g, "loss", inputs, wrt=["x"], fetch=["loss"])
     assert r.gradients["x"].tolist() == [3.0, 4.0]
-    assert set(r.skipped) == {"k", "positive"}
-    assert "int64" in r.skipped["k"]
-    assert "bool" in r.skipped["positive"]
     assert float(r.values["loss"]) == 1.5 * 3 - 2.0 * 4
-    # By default (every node) they are skipped too, and every float node has a gradient.
+    # By default (every node) they are skipped with a reason, every float node has a gradient.
     everything = client.gradient(g, "loss", inputs)
-    assert {"k", "positive"} <= set(everything.skipped)
+    assert {"k", "positive"} == set(everything.skipped)
+    assert "int64" in everything.skipped["k"] and "bool" in everything.skipped["positive"]
     assert set(everything.gradients) | set(everything.skipped) == set(everything.values)
+    # Named explicitly, a node without a gradient is an error naming it (as in JAX, PyTorch).
+    for name, dtype in (("k", "int64"), (positive, "bool")):
+        with pytest.raises(GradientError) as refused:
+            client.gradient(g, "loss", inputs, wrt=["x", name])
+        assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert dtype in refused.value.details
 
 
 def test_unreached_float_nodes_get_zero_gradients_of_their_shape(client):
@@ -735,10 +738,10 @@ def test_promotion_gradient_is_exact(client):
     f = np.array([0.5, 1.5], dtype=np.float32)
     g = Graph()
     g.sum(g.mul(g.input("i"), g.input("f"), name="p"), name="loss")
-    r = client.gradient(g, "loss", {"i": i, "f": f}, wrt=["f", "i", "p"])
+    r = client.gradient(g, "loss", {"i": i, "f": f}, wrt=["f", "p"])
     assert r.gradients["f"].dtype == np.float32 and r.gradients["f"].tolist() == [2.0, -3.0]
     assert r.gradients["p"].dtype == np.float64
-    assert "i" in r.skipped
+    assert "i" in client.gradient(g, "loss", {"i": i, "f": f}).skipped
     assert float(r.values["loss"]) == 1.0 - 4.5
 
 

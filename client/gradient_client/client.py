@@ -9,7 +9,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 import numpy as np
@@ -56,23 +56,41 @@ def check_message_mb(value: int) -> int:
     return value
 
 
+V = TypeVar("V")
+
 GraphLike = Graph | Any  # a Graph builder or a gradient.v1.Graph message
 NodeLike = Node | str
 
 
+class ByNode(dict[str, V]):
+    """A dict keyed by node name that also takes the Node itself: `r.gradients[x]` and
+    `r.gradients["x"]` are the same."""
+
+    def __getitem__(self, key: NodeLike) -> V:
+        return super().__getitem__(_name(key))
+
+    def __contains__(self, key: object) -> bool:
+        return super().__contains__(key.name if isinstance(key, Node) else key)
+
+    def get(self, key: NodeLike, default: Any = None) -> Any:  # type: ignore[override]
+        """The value of the node (or name), or `default`."""
+        return super().get(_name(key), default)
+
+
 @dataclass(frozen=True)
 class ForwardResult:
-    """Values of a Forward call: numpy arrays keyed by node name."""
+    """Values of a Forward call: numpy arrays keyed by node name (or by the Node)."""
 
     values: dict[str, np.ndarray]
 
-    def __getitem__(self, name: str) -> np.ndarray:
-        return self.values[name]
+    def __getitem__(self, node: NodeLike) -> np.ndarray:
+        return self.values[_name(node)]
 
 
 @dataclass(frozen=True)
 class GradientResult:
-    """Values and gradients of a Gradient call, numpy arrays keyed by node name.
+    """Values and gradients of a Gradient call, numpy arrays keyed by node name (a Node
+    works as a key too).
 
     `skipped` maps each requested node that has no gradient (int or bool) to the reason.
     """
@@ -220,11 +238,13 @@ def _check_report(response: WireMessage) -> GradientCheckReport:
     fields = response.fields
     return GradientCheckReport(
         passed=fields.passed,
-        nodes={
-            n.name: NodeCheck(n.max_abs_error, n.max_rel_error, n.passed, n.checked)
-            for n in fields.nodes
-        },
-        skipped={s.name: s.reason for s in fields.skipped},
+        nodes=ByNode(
+            {
+                n.name: NodeCheck(n.max_abs_error, n.max_rel_error, n.passed, n.checked)
+                for n in fields.nodes
+            }
+        ),
+        skipped=ByNode({s.name: s.reason for s in fields.skipped}),
         eps=fields.eps,
         atol=fields.atol,
         rtol=fields.rtol,
@@ -251,9 +271,9 @@ def _gradient_graph_result(response: WireMessage) -> GradientGraphResult:
     fields = response.fields
     return GradientGraphResult(
         graph=graph_pb2.Graph.FromString(response.raw.get("graph", b"")),
-        gradients=dict(fields.gradients),
+        gradients=ByNode(fields.gradients),
         seed=fields.seed,
-        skipped={s.name: s.reason for s in fields.skipped},
+        skipped=ByNode({s.name: s.reason for s in fields.skipped}),
     )
 
 
@@ -291,15 +311,15 @@ def _basis(wrt: list[str], shapes: dict[str, tuple[int, ...]]):
 
 def forward_result(tensors: Mapping[str, Any]) -> ForwardResult:
     """A ForwardResult from decoded tensors."""
-    return ForwardResult(tensors.get("values", {}))
+    return ForwardResult(ByNode(tensors.get("values", {})))
 
 
 def gradient_result(tensors: Mapping[str, Any], skipped: Iterable[Any]) -> GradientResult:
     """A GradientResult from decoded tensors and SkippedNode messages."""
     return GradientResult(
-        values=tensors.get("values", {}),
-        gradients=tensors.get("gradients", {}),
-        skipped={s.name: s.reason for s in skipped},
+        values=ByNode(tensors.get("values", {})),
+        gradients=ByNode(tensors.get("gradients", {})),
+        skipped=ByNode({s.name: s.reason for s in skipped}),
     )
 
 
@@ -496,6 +516,7 @@ class GradientClient:
     ):
         credentials, tls_options = _security(credentials, tls)
         self.tls = credentials is not None
+        self.target = target
         settings = _channel_options(
             max_message_mb, connections, service_config, [*tls_options, *options]
         )
@@ -527,7 +548,7 @@ class GradientClient:
         try:
             response = call(data, timeout=timeout if timeout is not None else self.timeout)
         except grpc.RpcError as error:
-            raise GradientError.from_rpc_error(error, tls=self.tls) from None
+            raise GradientError.from_rpc_error(error, tls=self.tls, target=self.target) from None
         return decode_response(response, method)
 
     def _call_on_graph(
@@ -651,7 +672,7 @@ class GradientClient:
         sent = wire_graph(graph)
         request = _hvp_request(sent, output, inputs, vector)
         response = self._call_on_graph("HessianVectorProduct", request, sent, timeout)
-        return dict(response.tensors.get("products", {}))
+        return ByNode(response.tensors.get("products", {}))
 
     def hessian(
         self,
@@ -711,6 +732,7 @@ class GradientClient:
             timeout,
             self.max_message_bytes,
             tls=self.tls,
+            target=self.target,
         )
 
 
@@ -742,6 +764,7 @@ class AsyncGradientClient:
     ):
         credentials, tls_options = _security(credentials, tls)
         self.tls = credentials is not None
+        self.target = target
         settings = _channel_options(
             max_message_mb, connections, service_config, [*tls_options, *options]
         )
@@ -770,7 +793,7 @@ class AsyncGradientClient:
         try:
             response = await call(data, timeout=timeout if timeout is not None else self.timeout)
         except grpc.RpcError as error:
-            raise GradientError.from_rpc_error(error, tls=self.tls) from None
+            raise GradientError.from_rpc_error(error, tls=self.tls, target=self.target) from None
         return decode_response(response, method)
 
     async def _call_on_graph(
@@ -870,7 +893,7 @@ class AsyncGradientClient:
         sent = wire_graph(graph)
         request = _hvp_request(sent, output, inputs, vector)
         response = await self._call_on_graph("HessianVectorProduct", request, sent, timeout)
-        return dict(response.tensors.get("products", {}))
+        return ByNode(response.tensors.get("products", {}))
 
     async def hessian(
         self,
@@ -917,4 +940,5 @@ class AsyncGradientClient:
             timeout,
             self.max_message_bytes,
             tls=self.tls,
+            target=self.target,
         )

@@ -82,7 +82,9 @@ class GradientError(Exception):
                 self.retry_after = detail.retry_delay.ToMilliseconds() / 1000
 
     @classmethod
-    def from_rpc_error(cls, error: grpc.RpcError, *, tls: bool = False) -> GradientError:
+    def from_rpc_error(
+        cls, error: grpc.RpcError, *, tls: bool = False, target: str = ""
+    ) -> GradientError:
         """Wrap a grpc.RpcError (which is also a grpc.Call carrying code and details).
 
         gRPC reports a refused TLS handshake as UNAVAILABLE, the code of a server that is
@@ -97,6 +99,11 @@ class GradientError(Exception):
                 "the client trusts, or the server requires a client certificate signed by its "
                 f"own CA ({details})"
             )
+        elif code == grpc.StatusCode.UNAVAILABLE and target and _no_connection(details):
+            details = (
+                f"no server answered at {target}: is gradient-server running there, on that "
+                f"port? ({details})"
+            )
         trailing = error.trailing_metadata() if hasattr(error, "trailing_metadata") else ()
         return cls(code, details, trailing)
 
@@ -109,5 +116,12 @@ def _tls_refusal(details: str) -> bool:
     return (
         "handshake" in lowered
         or "certificate" in lowered
-        or ("failed to connect" in lowered and "socket closed" in lowered)
+        or (_no_connection(details) and "socket closed" in lowered)
     )
+
+
+def _no_connection(details: str) -> bool:
+    """Whether gRPC's message says no connection to the target could be made (its wording
+    differs between the pick_first and round_robin policies)."""
+    lowered = details.lower()
+    return "failed to connect" in lowered or "connections to all backends failing" in lowered

@@ -161,9 +161,9 @@ def _fail(future: Any, error: GradientError) -> None:
         future.set_exception(error)
 
 
-def _stream_error(error: BaseException, tls: bool) -> GradientError:
+def _stream_error(error: BaseException, tls: bool, target: str) -> GradientError:
     if isinstance(error, grpc.RpcError):
-        return GradientError.from_rpc_error(error, tls=tls)
+        return GradientError.from_rpc_error(error, tls=tls, target=target)
     return GradientError(grpc.StatusCode.UNKNOWN, f"the session's stream failed: {error!r}")
 
 
@@ -212,8 +212,10 @@ class Session:
         max_message_bytes: int,
         *,
         tls: bool = False,
+        target: str = "",
     ):
         self._tls = tls
+        self._target = target
         self._steps = _Steps(graph, start, max_message_bytes)
         self.graph_digest = graph.digest
         self._outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -330,7 +332,7 @@ class Session:
             self._end(GradientError(grpc.StatusCode.UNAVAILABLE, "the session's stream ended"))
             return
         except Exception as error:  # noqa: BLE001 - grpc.RpcError, or the stream broke
-            self._end(_stream_error(error, self._tls))
+            self._end(_stream_error(error, self._tls, self._target))
             return
         self._count_answers(self._steps.dispatch(data))
 
@@ -368,7 +370,7 @@ class Session:
                 for data in self._responses:
                     self._count_answers(self._steps.dispatch(data))
             except Exception as error:  # noqa: BLE001
-                self._end(_stream_error(error, self._tls))
+                self._end(_stream_error(error, self._tls, self._target))
         if self._failure is not None and self._failure.code != grpc.StatusCode.CANCELLED:
             raise self._failure
 
@@ -395,8 +397,10 @@ class AsyncSession:
         max_message_bytes: int,
         *,
         tls: bool = False,
+        target: str = "",
     ):
         self._tls = tls
+        self._target = target
         self._steps = _Steps(graph, start, max_message_bytes)
         self.graph_digest = graph.digest
         self._call = method(timeout=timeout)
@@ -439,7 +443,7 @@ class AsyncSession:
                 for data in self._steps.requests(iter([pieces])):
                     await self._call.write(data)
             except Exception as error:  # noqa: BLE001
-                self._end(_stream_error(error, self._tls))
+                self._end(_stream_error(error, self._tls, self._target))
         if self._reader is None:
             self._reader = asyncio.ensure_future(self._read())
         return await future
@@ -452,7 +456,7 @@ class AsyncSession:
                     break
                 self._steps.dispatch(data)
         except Exception as error:  # noqa: BLE001
-            self._end(_stream_error(error, self._tls))
+            self._end(_stream_error(error, self._tls, self._target))
             return
         self._end(GradientError(grpc.StatusCode.UNAVAILABLE, "the session's stream ended"))
 
@@ -467,7 +471,7 @@ class AsyncSession:
             try:
                 await self._call.done_writing()
             except Exception as error:  # noqa: BLE001
-                self._end(_stream_error(error, self._tls))
+                self._end(_stream_error(error, self._tls, self._target))
         if self._reader is not None:
             await self._reader
         code = await self._call.code()

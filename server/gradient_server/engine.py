@@ -20,7 +20,7 @@ from .admission import MemoryBudget
 from .autodiff import GradientGraph, directional_derivative, gradient_graph
 from .errors import GraphError, LimitExceeded, UnknownGraph, no_deadline
 from .executor import OpTimes, Plan
-from .ir import Graph, decode_graph, graph_digest, infer_types
+from .ir import Graph, decode_graph, did_you_mean, graph_digest, infer_types
 from .tensor_type import TensorType
 
 K = TypeVar("K", bound=Hashable)
@@ -199,8 +199,32 @@ def _names(graph: Graph, names: Sequence[str], what: str) -> list[str]:
     """Validate requested node names; empty means every node of the graph."""
     for name in names:
         if name not in graph:
-            raise GraphError(f"{what} names {name!r}, which is not a node of the graph")
+            hint = did_you_mean(name, graph.nodes)
+            raise GraphError(
+                f"{what} names {name!r}, which is not a node of the graph{hint}", field=what
+            )
     return list(dict.fromkeys(names)) if names else list(graph.nodes)
+
+
+def _require_differentiable(graph: Graph, combined: GradientGraph) -> None:
+    """A node named in `wrt` that has no gradient (it is not float) is an error, as in JAX and
+    PyTorch: a silent omission would hide a mistake such as feeding -2 for -2.0. (With no
+    `wrt`, every node is asked for and the non-float ones are only reported as skipped.)"""
+    for name in combined.skipped:
+        node = graph[name]
+        dtype = combined.types[name].dtype.name
+        fix = (
+            f"feed it a float value (e.g. -2.0, not -2), or declare it "
+            f"g.input({name!r}, dtype='float64')"
+            if node.op == "input"
+            else "only float nodes have gradients"
+        )
+        raise GraphError(
+            f"wrt names {node.describe()}, which is {dtype} and has no gradient: {fix}",
+            node=name,
+            op=node.op,
+            field="wrt",
+        )
 
 
 class Engine:
@@ -324,7 +348,12 @@ class Engine:
             node = graph.nodes.get(name)
             if node is None or node.op != "input":
                 what = "no node" if node is None else f"a {node.op} node, not an input"
-                raise GraphError(f"a tensor was fed for {name!r}, but the graph has {what} there")
+                inputs = (n for n, node in graph.nodes.items() if node.op == "input")
+                hint = did_you_mean(name, inputs) if node is None else ""
+                raise GraphError(
+                    f"a tensor was fed for {name!r}, but the graph has {what} there{hint}",
+                    field="inputs",
+                )
             types[name] = self._checked_type(f"input {name!r}", value)
         return types
 
@@ -501,6 +530,8 @@ class Engine:
                 graph, feed_types, output, wrt_names, fetch_names, check_deadline
             )
             combined = compiled.combined
+            if wrt:
+                _require_differentiable(graph, combined)
             out_type = compiled.output_type
             prepared = _Prepared(
                 compiled.plan,
@@ -536,6 +567,8 @@ class Engine:
         wrt_names = _names(graph, wrt, "wrt")
         feed_types = self._feed_types(graph, feeds)
         compiled = self._compile_gradient(graph, feed_types, output, wrt_names, (), check_deadline)
+        if wrt:
+            _require_differentiable(graph, compiled.combined)
         return compiled.combined
 
     # -- Hessian-vector products ----------------------------------------------------------

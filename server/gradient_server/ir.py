@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import heapq
+import itertools
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -110,6 +112,21 @@ class Graph:
         return seen
 
 
+MAX_SUGGESTION_CANDIDATES = 10_000
+"""Names a "did you mean" looks through at most (the comparison is quadratic per name)."""
+
+
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """ " (did you mean 'x'?)" naming the known names closest to `name`, or ""."""
+    candidates = list(itertools.islice(known, MAX_SUGGESTION_CANDIDATES + 1))
+    if len(candidates) > MAX_SUGGESTION_CANDIDATES or len(name) > 200:
+        return ""
+    close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.6)
+    if not close:
+        return ""
+    return " (did you mean " + " or ".join(repr(c) for c in close) + "?)"
+
+
 def node_error(node: Node, message: str, types: Iterable[TensorType] = ()) -> GraphError:
     """A GraphError naming the node, its op and (when given) its operand types."""
     operands = ", ".join(str(t) for t in types)
@@ -197,7 +214,8 @@ def _decode_node(message: graph_pb2.Node) -> Node:
         raise GraphError(f"a node (op {op or '?'}) has an empty name")
     opdef = OPS.get(op)
     if opdef is None:
-        raise GraphError(f"node {name!r}: unknown op {op!r} (ListOps lists the known ops)")
+        hint = did_you_mean(op, OPS) or " (ListOps lists the known ops)"
+        raise GraphError(f"node {name!r}: unknown op {op!r}{hint}")
     count = len(message.inputs)
     arity = len(opdef.inputs)
     if (count < arity) if opdef.variadic else (count != arity):
@@ -210,7 +228,10 @@ def _decode_node(message: graph_pb2.Node) -> Node:
     for key in message.attrs:
         if opdef.attr_spec(key) is None:
             known = ", ".join(a.name for a in opdef.attrs) or "none"
-            raise GraphError(f"node {name!r} (op {op}): unknown attribute {key!r} (known: {known})")
+            hint = did_you_mean(key, (a.name for a in opdef.attrs))
+            raise GraphError(
+                f"node {name!r} (op {op}): unknown attribute {key!r}{hint} (known: {known})"
+            )
     for spec in opdef.attrs:
         if spec.name in message.attrs:
             attrs[spec.name] = _decode_attr(name, op, spec, message.attrs[spec.name])

@@ -34,10 +34,21 @@ def _message_mb(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+class _HelpWithDefaults(argparse.HelpFormatter):
+    """Help that states every flag's default (unless its text already does)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return f"{text} (default {action.default})".lstrip()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gradient-server",
         description="Serve gradient.v1.GradientService (with gRPC health and reflection).",
+        formatter_class=_HelpWithDefaults,
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all)")
     parser.add_argument(
@@ -60,8 +71,15 @@ def _parser() -> argparse.ArgumentParser:
         help=f"largest request or response in MiB (default {DEFAULT_MAX_MESSAGE_MB})",
     )
     defaults = Limits()
-    parser.add_argument("--max-nodes", type=int, default=defaults.max_nodes)
-    parser.add_argument("--max-tensor-elements", type=int, default=defaults.max_tensor_elements)
+    parser.add_argument(
+        "--max-nodes", type=int, default=defaults.max_nodes, help="nodes in one request's graph"
+    )
+    parser.add_argument(
+        "--max-tensor-elements",
+        type=int,
+        default=defaults.max_tensor_elements,
+        help="elements of any one tensor, fed or computed",
+    )
     parser.add_argument(
         "--max-check-evaluations",
         type=int,
@@ -158,7 +176,7 @@ def _parser() -> argparse.ArgumentParser:
         default="127.0.0.1",
         help="address of the plaintext health port (default 127.0.0.1)",
     )
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     parser.add_argument(
         "--log-format",
         choices=("text", "json"),

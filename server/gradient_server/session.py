@@ -24,7 +24,7 @@ from gradient_client.wire import WireFormatError, WireMessage
 
 from .calls import Call, Cancelled, Failure, failure_of, status_of
 from .errors import DeadlineExceeded, GraphError, LimitExceeded
-from .ir import Graph
+from .ir import Graph, did_you_mean
 
 if TYPE_CHECKING:
     from .service import GradientServicer
@@ -170,9 +170,17 @@ class _Session:
         for what, names in (("wrt", fields.wrt), ("fetch", fields.fetch)):
             for name in names:
                 if name not in graph:
-                    raise GraphError(f"{what} names {name!r}, which is not a node of the graph")
+                    hint = did_you_mean(name, graph.nodes)
+                    raise GraphError(
+                        f"{what} names {name!r}, which is not a node of the graph{hint}",
+                        field=f"start.{what}",
+                    )
         if fields.output and fields.output not in graph:
-            raise GraphError(f"output names {fields.output!r}, which is not a node of the graph")
+            hint = did_you_mean(fields.output, graph.nodes)
+            raise GraphError(
+                f"output names {fields.output!r}, which is not a node of the graph{hint}",
+                field="start.output",
+            )
         limit = self.servicer.max_message_bytes
         if 0 < fields.max_message_bytes < MIN_MESSAGE_BYTES:
             raise GraphError(
