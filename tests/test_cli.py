@@ -79,8 +79,12 @@ def test_readme_shows_the_real_output(cli):
     assert (code, out) == (0, printed)
 
 
-def test_grad_json(cli):
-    code, out, _ = cli("grad", SCALAR, *LECTURE_INPUTS, "--json")
+@pytest.mark.parametrize("where", ["after the command", "before the command"])
+def test_grad_json(cli, where):
+    if where == "after the command":
+        code, out, _ = cli("grad", SCALAR, *LECTURE_INPUTS, "--json")
+    else:
+        code, out, _ = cli("--json", "grad", SCALAR, *LECTURE_INPUTS)
     assert code == 0
     answer = json.loads(out)
     assert answer["output"] == "f"

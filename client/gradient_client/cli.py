@@ -487,9 +487,14 @@ def _parser() -> argparse.ArgumentParser:
         help="upstream gradient of a non-scalar output (a JSON list of its shape)",
     )
 
+    # --json is accepted before the command too; a command's parser sets it only when given,
+    # so it does not undo one given before the command.
     as_json = argparse.ArgumentParser(add_help=False)
     as_json.add_argument(
-        "--json", action="store_true", help="print JSON (tensors as nested lists) instead"
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="print JSON (tensors as nested lists) instead",
     )
 
     parser = argparse.ArgumentParser(
@@ -500,6 +505,9 @@ def _parser() -> argparse.ArgumentParser:
         "--input x=-2 --input y=5 --input z=-4",
     )
     _add_connection_options(parser, defaults=True)
+    parser.add_argument(
+        "--json", action="store_true", help="print JSON (for the commands that print results)"
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(
