@@ -19,7 +19,7 @@
 # --security-opt no-new-privileges and no tmpfs. `make docker-test` builds and runs it so;
 # tests/test_container_run.py does the same without a Docker daemon.
 
-# ---- builder: build the project's wheel (only the wheel; dependencies come from PyPI below) ----
+# ---- builder: build the project's two wheels (only those; dependencies come from PyPI below) ----
 FROM python:3.11-slim AS builder
 
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -27,10 +27,11 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 
 WORKDIR /src
 # .dockerignore lets in only pyproject.toml, README.md, LICENSE, client/ and server/.
+# Two distributions: gradient-service-client (./client) and gradient-service (.), which needs it.
 COPY . .
-RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
+RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels ./client .
 
-# ---- runtime: the wheel installed into the system interpreter, run as an unprivileged user ----
+# ---- runtime: the wheels installed into the system interpreter, run as an unprivileged user ----
 FROM python:3.11-slim AS runtime
 
 LABEL org.opencontainers.image.title="gradient-service" \
@@ -42,7 +43,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
 
-# The wheel is bind-mounted from the builder, so it never lands in a layer of this image.
+# The wheels are bind-mounted from the builder, so they never land in a layer of this image.
+# Installed together, so the server's gradient-service-client comes from its wheel, not an index.
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     pip install --no-cache-dir /wheels/*.whl
 

@@ -11,12 +11,14 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(VENV)/.installed-run: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e .
+# Two distributions: the client (./client: SDK, gradient.v1, gradient-client) and the server
+# (.), which depends on the client by name; the client is not on PyPI, so both go in together.
+$(VENV)/.installed-run: pyproject.toml client/pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e ./client -e .
 	touch $@
 
-$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+$(VENV)/.installed-test: pyproject.toml client/pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e ./client -e ".[test]"
 	touch $@
 
 run: $(VENV)/.installed-run  ## install the server and serve on $(HOST):$(PORT)

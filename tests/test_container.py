@@ -42,7 +42,7 @@ def _hadolint() -> str:
     if found is None:
         pytest.fail(
             f"hadolint not found next to {sys.executable} nor on PATH: "
-            "install the test extra (pip install -e '.[test]'), which provides it"
+            "install the test extra (pip install -e ./client -e '.[test]'), which provides it"
         )
     return found
 
@@ -332,18 +332,29 @@ def test_dockerignore_keeps_out(path, ignore_rules):
     assert _ignored(path, ignore_rules)
 
 
-def test_dockerignore_lets_in_everything_the_wheel_is_built_from(ignore_rules):
-    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    needed = ["pyproject.toml"]
+# The image's two distributions: the server (the root) and the client it depends on.
+PROJECTS = ["", "client"]
+
+
+@pytest.mark.parametrize("project", PROJECTS, ids=["server", "client"])
+def test_dockerignore_lets_in_everything_the_wheel_is_built_from(ignore_rules, project):
+    base = ROOT / project
+    config = tomllib.loads((base / "pyproject.toml").read_text())
+    needed = [base / "pyproject.toml"]
     readme = config["project"].get("readme")
-    if isinstance(readme, str) and (ROOT / readme).exists():
-        needed.append(readme)
+    if isinstance(readme, str) and (base / readme).exists():
+        needed.append(base / readme)
+    needed += [base / name for name in config["project"].get("license-files", [])]
     for where in config["tool"]["setuptools"]["packages"]["find"]["where"]:
-        for file in sorted((ROOT / where).rglob("*")):
+        for file in sorted((base / where).rglob("*")):
+            top = file.relative_to(base / where).parts[0]
+            if top in ("build", "dist") or top.endswith(".egg-info"):
+                continue  # a local build's leftovers, not sources
             if file.is_file() and "__pycache__" not in file.parts and file.suffix != ".pyc":
-                needed.append(file.relative_to(ROOT).as_posix())
-    assert len(needed) > 3
-    left_out = [path for path in needed if _ignored(path, ignore_rules)]
+                needed.append(file)
+    paths = [file.relative_to(ROOT).as_posix() for file in needed]
+    assert len(paths) > 4
+    left_out = [path for path in paths if _ignored(path, ignore_rules)]
     assert not left_out, f".dockerignore leaves out {left_out}"
 
 

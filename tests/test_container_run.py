@@ -4,9 +4,10 @@ makes them, and its command lines are run under the restrictions the image is me
 1. The build context: exactly the files `.dockerignore` admits are copied to a temporary folder
    (the same parsing as test_container.py's; folders are pruned as Docker prunes them).
 2. The builder stage: its `pip wheel ...` RUN line, word for word but for the wheel folder, in
-   that context, with the stage's ENV.
+   that context, with the stage's ENV. It makes two wheels: the server's (gradient-service) and
+   the client's (gradient-service-client), which the server depends on.
 3. The runtime stage: a fresh virtual environment (`python -m venv`) stands for the image's
-   interpreter, and its `pip install /wheels/*.whl` RUN line installs the wheel into it. The
+   interpreter, and its `pip install /wheels/*.whl` RUN line installs the wheels into it. The
    dependencies come from the package index this machine's pip is configured with, as the image
    gets them from PyPI: nothing is cached across runs and nothing comes from the project's own
    environment. (The venv is made `--without-pip` and installed into by this interpreter's pip
@@ -29,6 +30,7 @@ makes them, and its command lines are run under the restrictions the image is me
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -189,7 +191,8 @@ def image(tmp_path_factory) -> Image:
     argv[at + 1] = str(wheels)
     _run_build_step(argv, _env_before(builder, build), context)
     built = sorted(wheels.glob("*.whl"))
-    assert len(built) == 1, f"the builder made {built}"
+    names = sorted(path.name.split("-")[0] for path in built)
+    assert names == ["gradient_service", "gradient_service_client"], f"the builder made {built}"
 
     # 3. A fresh interpreter, and the runtime's pip install with the mount's files expanded.
     venv = base / "venv"
@@ -206,6 +209,13 @@ def image(tmp_path_factory) -> Image:
             words.append(word)
     words[3:3] = ["--python", str(venv / "bin" / "python")]
     _run_build_step(words, _env_before(runtime, install), base)
+    # Both distributions came from the builder's wheels (PEP 610's record of where from), so the
+    # server's gradient-service-client requirement was never looked up on an index.
+    for wheel in built:
+        name, version = wheel.name.split("-")[:2]
+        (record,) = venv.glob(f"lib/python*/site-packages/{name}-{version}.dist-info")
+        origin = json.loads((record / "direct_url.json").read_text())["url"]
+        assert origin == wheel.as_uri(), f"{name} was installed from {origin}, not {wheel}"
 
     entrypoint = next(i for i in reversed(runtime) if i.keyword == "ENTRYPOINT")
     healthcheck = next(i for i in reversed(runtime) if i.keyword == "HEALTHCHECK")
