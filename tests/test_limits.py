@@ -93,7 +93,7 @@ def test_the_caches_weigh_entries_by_what_they_hold():
 
 def test_many_distinct_graphs_stay_within_the_cache_budget():
     engine = Engine(cache_bytes=32 << 20)
-    for salt in range(40):  # each graph and its plans weigh about 9 MiB
+    for salt in range(10):  # each graph and its plans weigh about 9 MiB: some are evicted
         graph = engine.load_graph(_chain(2000, salt).message())
         result = engine.gradient(graph, {"x": np.ones(3)}, "f")
         assert np.isfinite(result.gradients["x"]).all()
