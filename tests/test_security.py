@@ -306,3 +306,17 @@ def test_the_server_command_reads_its_token_file_again_on_sighup(pki, tmp_path):
         log = server.close()
     assert "token file read again: 1 tokens" in log and "mutual" not in log
     assert "first-token" not in log and "second-token" not in log
+
+
+def test_the_server_command_names_a_bad_tls_file(pki, tmp_path):
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    for flags, named in (
+        (["--tls-cert", str(garbage), "--tls-key", pki.server_key], "garbage.pem"),
+        (["--tls-cert", pki.server_cert, "--tls-key", str(garbage)], "private key"),
+        (["--tls-cert", pki.server_cert, "--tls-key", pki.client_key], "do not match"),
+    ):
+        server = ServerProcess(tmp_path / "bad.log", *flags)
+        assert server.process.wait(timeout=60) == 1
+        log = server.close()
+        assert named in log and "Traceback" not in log, log

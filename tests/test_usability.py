@@ -35,6 +35,8 @@ def test_results_are_looked_up_by_node_or_name(client):
     assert backward.gradients[n["x"]] == backward.gradients["x"]
     products = client.hvp(g, n["f"], inputs, {n["x"]: 1.0, n["y"]: 0.0, n["z"]: 0.0})
     assert float(products[n["z"]]) == 1.0  # d2f/dz dx = 1
+    hessian = client.hessian(g, n["f"], inputs, wrt=[n["x"], n["z"]])
+    assert hessian.tolist() == [[0.0, 1.0], [1.0, 0.0]]  # f = (x + y) z
     report = client.check_gradient(g, n["f"], inputs)
     assert report.passed and report.nodes[n["y"]].passed
 

@@ -290,13 +290,14 @@ def _hessian_from_products(
     return matrix
 
 
-def _input_shapes(inputs: Mapping[str, Any], names: list[str]) -> dict[str, tuple[int, ...]]:
-    missing = [name for name in names if name not in inputs]
+def _input_shapes(inputs: Mapping[Any, Any], names: list[str]) -> dict[str, tuple[int, ...]]:
+    by_name = {_name(key): value for key, value in inputs.items()}  # keyed by Node or name
+    missing = [name for name in names if name not in by_name]
     if missing:
         raise GradientError(
             grpc.StatusCode.INVALID_ARGUMENT, f"wrt names {missing}, which are not among the inputs"
         )
-    return {name: np.shape(inputs[name]) for name in names}
+    return {name: np.shape(by_name[name]) for name in names}
 
 
 def _basis(wrt: list[str], shapes: dict[str, tuple[int, ...]]):

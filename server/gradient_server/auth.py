@@ -138,6 +138,13 @@ def server_credentials(
         roots = Path(client_ca).read_bytes() if client_ca else None
     except OSError as e:
         raise OSError(f"cannot read a TLS file: {e.filename}: {e.strerror}") from None
+    for path, data, marker, what in (
+        (cert, chain, b"-----BEGIN CERTIFICATE-----", "certificate"),
+        (key, private_key, b"PRIVATE KEY-----", "private key"),
+        (client_ca, roots, b"-----BEGIN CERTIFICATE-----", "CA certificate"),
+    ):
+        if data is not None and marker not in data:
+            raise OSError(f"{path} is not a PEM file holding a {what}")
     return grpc.ssl_server_credentials(
         [(private_key, chain)], root_certificates=roots, require_client_auth=roots is not None
     )

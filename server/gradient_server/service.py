@@ -503,5 +503,8 @@ def _bind(server: grpc.Server, address: str, credentials: grpc.ServerCredentials
     except RuntimeError:
         port = 0
     if port == 0:
-        raise OSError(f"could not bind {address} (address in use or not available)")
+        why = "address in use or not available"
+        if credentials is not None:
+            why += ", or the TLS certificate and key are not valid or do not match"
+        raise OSError(f"could not bind {address} ({why})")
     return port
