@@ -14,6 +14,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from lecture import lecture_graph
 from test_service import ServerProcess
 
 from gradient_client import GradientClient, GradientError, Graph
@@ -131,7 +132,7 @@ def test_a_burst_of_large_requests_stays_within_the_budget(tmp_path):
         with grpc.insecure_channel(server.target) as channel:
             server.wait_serving(channel)
         with GradientClient(server.target, timeout=120, connections=8) as client:
-            client.forward(lecture(), {"x": -2.0, "y": 5.0, "z": -4.0})
+            client.forward(lecture_graph(), {"x": -2.0, "y": 5.0, "z": -4.0})
             at_rest = peak_rss(server.process.pid)
 
             def call(_: int) -> str:
@@ -150,7 +151,7 @@ def test_a_burst_of_large_requests_stays_within_the_budget(tmp_path):
                 outcomes = list(pool.map(call, range(8)))
             peak = peak_rss(server.process.pid)
             # The server goes on serving, the lecture exactly.
-            result = client.gradient(lecture(), "f", {"x": -2.0, "y": 5.0, "z": -4.0})
+            result = client.gradient(lecture_graph(), "f", {"x": -2.0, "y": 5.0, "z": -4.0})
             assert [float(result.gradients[n]) for n in "xyz"] == [-4.0, -4.0, 3.0]
     finally:
         server.process.terminate()
@@ -166,10 +167,3 @@ def test_a_burst_of_large_requests_stays_within_the_budget(tmp_path):
 
 
 BURST_BUDGET_MB = 400
-
-
-def lecture() -> Graph:
-    g = Graph()
-    x, y, z = g.input("x"), g.input("y"), g.input("z")
-    g.mul(g.add(x, y, name="q"), z, name="f")
-    return g

@@ -16,23 +16,15 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 import pytest
+from lecture import LECTURE, lecture_graph
 from prometheus_client.parser import text_string_to_metric_families
 from test_service import ServerProcess, free_port
 
 from gradient.v1 import gradient_service_pb2 as service_pb2
-from gradient_client import GradientClient, GradientError, Graph
+from gradient_client import GradientClient, GradientError
 from gradient_client.tensors import to_proto
 from gradient_server.calllog import CallLog, JsonFormatter
 from gradient_server.service import create_server
-
-LECTURE = {"x": -2.0, "y": 5.0, "z": -4.0}
-
-
-def lecture_graph() -> Graph:
-    g = Graph()
-    x, y, z = g.input("x"), g.input("y"), g.input("z")
-    g.mul(g.add(x, y, name="q"), z, name="f")
-    return g
 
 
 def lecture_request(output: str = "f") -> service_pb2.GradientRequest:

@@ -15,20 +15,13 @@ from pathlib import Path
 
 import grpc
 import pytest
+from lecture import LECTURE, lecture_graph
 from test_service import ServerProcess
 
-from gradient_client import GradientClient, GradientError, Graph
+from gradient_client import GradientClient, GradientError
 from gradient_client.channel import channel_options
 
-LECTURE = {"x": -2.0, "y": 5.0, "z": -4.0}
 REPLICAS = 3
-
-
-def lecture_graph() -> Graph:
-    g = Graph()
-    x, y, z = g.input("x"), g.input("y"), g.input("z")
-    g.mul(g.add(x, y, name="q"), z, name="f")
-    return g
 
 
 @contextlib.contextmanager

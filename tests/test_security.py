@@ -19,24 +19,17 @@ import pytest
 import trustme
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from lecture import LECTURE, lecture_graph
 from test_service import ServerProcess
 
-from gradient_client import TLS, GradientClient, GradientError, Graph
+from gradient_client import TLS, GradientClient, GradientError
 from gradient_client import cli as client_cli
 from gradient_server import healthcheck
 from gradient_server.auth import Tokens, server_credentials
 from gradient_server.service import create_server
 
-LECTURE = {"x": -2.0, "y": 5.0, "z": -4.0}
 TOKENS = ("s3cret-token-one", "s3cret-token-two")
 WRONG_TOKEN = "not-the-token"
-
-
-def lecture_graph() -> Graph:
-    g = Graph()
-    x, y, z = g.input("x"), g.input("y"), g.input("z")
-    g.mul(g.add(x, y, name="q"), z, name="f")
-    return g
 
 
 def assert_lecture(client: GradientClient) -> None:

@@ -12,21 +12,13 @@ import numpy as np
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from lecture import LECTURE, lecture_graph
 
 from gradient.v1 import gradient_service_pb2 as service_pb2
 from gradient.v1 import graph_pb2
 from gradient_client import GradientClient, GradientError, Graph
 from gradient_server.engine import Engine, Limits
 from gradient_server.service import create_server
-
-LECTURE = {"x": -2.0, "y": 5.0, "z": -4.0}
-
-
-def lecture_graph() -> Graph:
-    g = Graph()
-    x, y, z = g.input("x"), g.input("y"), g.input("z")
-    g.mul(g.add(x, y, name="q"), z, name="f")
-    return g
 
 
 @contextlib.contextmanager
