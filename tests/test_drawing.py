@@ -7,6 +7,7 @@ import re
 import shutil
 import xml.etree.ElementTree as ET
 from collections import Counter
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -217,3 +218,99 @@ def test_graphviz_failure_is_reported(tmp_path):
     g.input("x")
     with pytest.raises(GraphvizError, match="dot -Tnot-a-format failed"):
         draw(g, tmp_path / "x.svg", format="not-a-format")
+
+
+def _legend(dot: str) -> str | None:
+    """The legend's label (the graph's own `label=`), or None when there is no legend."""
+    match = re.search(r"^  labelloc=b; .* label=<(.*)>;$", dot, flags=re.M)
+    return match.group(1) if match else None
+
+
+def test_the_legend_names_only_what_is_drawn(client):
+    g, result = _lecture(client)
+    both = _value("value") + " / " + _gradient("gradient")
+    assert _legend(g.to_dot(result)) == both
+    forward = client.forward(g, {"x": -2.0, "y": 5.0, "z": -4.0})
+    assert _legend(g.to_dot(forward)) == _value("value")  # no red is drawn: no "gradient"
+    assert GRADIENT_COLOR not in g.to_dot(forward)
+    gradients_only = type("Plain", (), {"gradients": result.gradients})()
+    assert _legend(g.to_dot(gradients_only)) == _gradient("gradient")
+    assert _legend(g.to_dot()) is None and "label=<<font" not in g.to_dot()
+    # Values of nodes the graph lacks are not drawn, so they bring no legend either.
+    assert _legend(g.to_dot({"elsewhere": 1.0})) is None
+
+
+def _lecture_backward(client):
+    g = Graph()
+    x, y, z = g.input("x"), g.input("y"), g.input("z")
+    f = g.mul(g.add(x, y, name="q"), z, name="f")
+    inputs = {"x": -2.0, "y": 5.0, "z": -4.0}
+    backward = client.gradient_graph(g, f, inputs)
+    values = client.forward(backward.graph, {**inputs, backward.seed: 1.0})
+    return backward, values
+
+
+def test_backward_gradient_nodes_say_which_gradient_they_hold(client):
+    backward, values = _lecture_backward(client)
+    dot = to_dot(backward.graph, values, backward=backward)
+    nodes = _nodes(dot)
+    holds = f'<font color="{GRADIENT_COLOR}" point-size="10">'
+    seed = nodes[backward.seed][1]
+    assert holds + "∂f/∂f (seed)</font>" in seed and _value("1") in seed
+    z_holder = nodes[backward.gradients["z"]][1]
+    assert holds + "∂f/∂z</font>" in z_holder and _value("3") in z_holder
+    # x, y and q share one gradient node (an add passes its gradient on): it names all three.
+    assert backward.gradients["x"] == backward.gradients["y"] == backward.gradients["q"]
+    shared = nodes[backward.gradients["x"]][1]
+    assert holds + "∂f/∂x, ∂f/∂y, ∂f/∂q</font>" in shared and _value("-4") in shared
+    # The op stays, the gradient it holds comes next, then its value.
+    assert '<font color="gray30" point-size="10">mul</font><br/>' + holds + "∂f/∂z" in z_holder
+    for name in ("x", "y", "z", "q", "f"):
+        assert "∂" not in nodes[name][1]  # forward nodes hold no gradient
+    assert _legend(dot) == _value("value") + " / " + _gradient("gradient")
+    # The output's name is given or taken from the node whose gradient is the seed.
+    named = to_dot(backward.graph, values, backward=backward, output="L")
+    assert "∂L/∂z" in named and "∂L/∂L (seed)" in named and "∂f/" not in named
+    # Without `backward` the same graph has no gradient labels (and no red at all).
+    assert "∂" not in to_dot(backward.graph, values)
+    assert _legend(to_dot(backward.graph, values)) == _value("value")
+
+
+def test_backward_labels_without_values_bring_the_gradient_legend(client, tmp_path):
+    backward, _ = _lecture_backward(client)
+    dot = to_dot(backward.graph, backward=backward)
+    assert _legend(dot) == _gradient("gradient") and VALUE_COLOR not in dot
+    written = draw(backward.graph, tmp_path / "backward.dot", backward=backward)
+    assert written.read_text() == dot
+
+
+def test_many_gradients_held_by_one_node_are_counted():
+    g = Graph()
+    xs = [g.input(f"x{i}") for i in range(5)]
+    total = xs[0]
+    for x in xs[1:]:
+        total = g.add(total, x)
+    seed = g.input("seed")
+    backward = SimpleNamespace(gradients={f"x{i}": "seed" for i in range(5)}, seed=seed.name)
+    nodes = _nodes(to_dot(g, backward=backward, output="f"))
+    assert "∂f/∂f (seed), ∂f/∂x0, ∂f/∂x1, ∂f/∂x2, +2 more</font>" in nodes["seed"][1]
+
+
+def test_constants_show_their_value_not_internal_attributes(client):
+    g = Graph()
+    x = g.input("x")
+    doubled = g.mul(x, 2.5, name="d")  # a Python number: a weak scalar constant
+    small = g.constant(np.array([1.0, 2.0, 3.0]), name="small")
+    large = g.constant(np.arange(12, dtype=np.float32).reshape(3, 4), name="large")
+    g.sum(g.add(g.add(doubled, small), g.sum(large)), name="f")
+    weak = next(
+        node for node in g.to_proto().nodes if node.op == "constant" and node.attrs["weak"].b
+    )
+    for dot in (g.to_dot(), g.to_dot(client.gradient(g, "f", {"x": [1.0, 2.0, 3.0]}))):
+        assert "weak" not in dot
+        nodes = _nodes(dot)
+        op = '<font color="gray30" point-size="10">'
+        assert op + "constant 2.5</font>" in nodes[weak.name][1]
+        assert op + "constant [1, 2, 3]</font>" in nodes["small"][1]
+        assert op + "constant float32[3,4]</font>" in nodes["large"][1]
+        assert "11" not in nodes["large"][1]  # a large constant's numbers are not listed

@@ -17,7 +17,7 @@ from google.protobuf import json_format
 from gradient.v1 import graph_pb2
 
 from . import security
-from .client import GradientClient, OpInfo
+from .client import GradientClient, GradientGraphResult, OpInfo
 from .drawing import GraphvizError, draw, format_tensor, to_dot
 from .errors import GradientError
 from .tensors import DTYPE_NAMES, TensorFormatError
@@ -374,6 +374,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
 def _cmd_draw(args: argparse.Namespace) -> int:
     graph = _read_graph(args.graph)
     result: Any = None
+    backward: GradientGraphResult | None = None
+    output: str | None = None
     if args.backward and not (args.input or args.inputs_file):
         raise _Usage("--backward needs the inputs: the backward graph depends on their shapes")
     if args.input or args.inputs_file:
@@ -381,28 +383,32 @@ def _cmd_draw(args: argparse.Namespace) -> int:
         output = _output(args, graph)
         with _client(args) as client:
             if args.backward:
-                graph, result = _backward(client, graph, output, inputs, args.seed)
+                backward, result = _backward(client, graph, output, inputs, args.seed)
+                graph = backward.graph
             else:
                 result = client.gradient(graph, output, inputs, seed=args.seed)
+    # The backward graph's gradient nodes are labelled with the gradient they hold (∂f/∂x).
     if args.out is None or args.out == "-":
-        sys.stdout.write(to_dot(graph, result))
+        sys.stdout.write(to_dot(graph, result, backward=backward, output=output))
         return 0
     try:
-        path = draw(graph, args.out, result, format=args.format)
+        path = draw(graph, args.out, result, args.format, backward=backward, output=output)
     except (OSError, ValueError) as error:
         raise _Failure(f"cannot write {args.out}: {error}") from None
     print(f"wrote {path}")
     return 0
 
 
-def _backward(client: GradientClient, graph: Any, output: str, inputs: dict, seed: Any):
+def _backward(
+    client: GradientClient, graph: Any, output: str, inputs: dict, seed: Any
+) -> tuple[GradientGraphResult, Any]:
     """The forward-and-backward graph of `output`, and the values of all its nodes."""
     backward = client.gradient_graph(graph, output, inputs)
     if seed is None:
         shape = client.forward(graph, inputs, [output]).values[output].shape
         seed = np.ones(shape)
     values = client.forward(backward.graph, {**inputs, backward.seed: seed})
-    return backward.graph, values
+    return backward, values
 
 
 def _cmd_hvp(args: argparse.Namespace) -> int:
