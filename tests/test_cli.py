@@ -178,7 +178,11 @@ def test_ops(cli):
     assert code == 0
     lines = out.splitlines()
     assert "matmul(x, y)" in lines
-    assert 'cross_entropy(logits, labels [no grad]; reduction: string = "mean")' in lines
+    assert (
+        'cross_entropy(logits, labels; reduction: string = "mean", label_smoothing: float = 0.0)'
+        in lines
+    )
+    assert "take(x, indices [no grad]; axis: int = 0)" in lines
     assert "sum(x; [axis: axes], keepdims: bool = false)" in lines
     assert (
         "    Matrix product with numpy.matmul semantics (1-D operands and broadcast batches)."

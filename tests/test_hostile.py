@@ -448,6 +448,24 @@ graph_case(
     "'f'",
     "reduction",
 )
+graph_case(
+    "cross_entropy label_smoothing above 1",
+    "F G",
+    G(X, N("k", "input"), N("f", "cross_entropy", "x", "k", label_smoothing=1.5)),
+    {"x": t(np.zeros((2, 3))), "k": t([0, 1])},
+    INVALID,
+    "'f'",
+    "label_smoothing",
+)
+graph_case(
+    "cross_entropy label_smoothing below 0",
+    "F",
+    G(X, N("k", "input"), N("f", "cross_entropy", "x", "k", label_smoothing=-0.1)),
+    {"x": t(np.zeros((2, 3))), "k": t(np.full((2, 3), 1 / 3))},
+    INVALID,
+    "'f'",
+    "label_smoothing",
+)
 
 # -- huge attribute lists ---------------------------------------------------------------------
 # Refused before the list is converted (a list attribute holds at most 128 values), so none of
@@ -661,7 +679,7 @@ graph_case(
     "'f'",
 )
 graph_case(
-    "cross_entropy with float labels",
+    "cross_entropy with float labels not of the logits' shape",
     "G",
     G(X, Y, N("f", "cross_entropy", "x", "y")),
     {"x": t(np.zeros((2, 3))), "y": t([0.0, 1.0])},

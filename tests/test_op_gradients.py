@@ -94,10 +94,24 @@ def _log_softmax_ref(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return x - _logsumexp_ref(x, axis=axis, keepdims=True)
 
 
-def _cross_entropy_ref(logits: np.ndarray, labels: np.ndarray, reduction: str = "mean"):
-    log_p = _log_softmax_ref(logits, axis=-1)
-    losses = -np.take_along_axis(log_p, labels[..., None], axis=-1)[..., 0]
+def _cross_entropy_ref(
+    logits: np.ndarray, labels: np.ndarray, reduction: str = "mean", label_smoothing: float = 0.0
+):
+    # The target distribution: one-hot rows for class indices, the labels themselves for
+    # probabilities; smoothed towards the uniform one, -sum(target * log_softmax) per row.
+    classes = logits.shape[-1]
+    if labels.dtype.kind == "f":
+        target = labels
+    else:
+        target = (labels[..., None] == np.arange(classes)).astype(np.float64)
+    target = (1 - label_smoothing) * target + label_smoothing / classes
+    losses = -np.sum(target * _log_softmax_ref(logits, axis=-1), axis=-1)
     return {"mean": np.mean, "sum": np.sum, "none": np.asarray}[reduction](losses)
+
+
+def probabilities(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Rows of class probabilities (softmax of normal draws) along the last axis."""
+    return _softmax_ref(rng.standard_normal(shape), axis=-1)
 
 
 def _flatten_ref(x: np.ndarray, start_axis: int = 0, end_axis: int = -1) -> np.ndarray:
@@ -443,6 +457,26 @@ OP_ROWS: list[Row] = [
     op_row("cross_entropy", [(4, 3), (4,)], (real, integers(0, 3)), reduction="none"),
     op_row("cross_entropy", [(2, 3, 5), (2, 3)], (real, integers(0, 5))),
     op_row("cross_entropy", [(5,), ()], (real, integers(0, 5))),
+    op_row("cross_entropy", [(4, 3), (4,)], (real, integers(0, 3)), label_smoothing=0.2),
+    op_row(
+        "cross_entropy",
+        [(2, 3, 5), (2, 3)],
+        (real, integers(0, 5)),
+        reduction="none",
+        label_smoothing=1.0,
+    ),
+    op_row("cross_entropy", [(4, 3), (4, 3)], (real, probabilities)),
+    op_row("cross_entropy", [(4, 3), (4, 3)], (real, probabilities), reduction="sum"),
+    op_row("cross_entropy", [(4, 3), (4, 3)], (real, probabilities), reduction="none"),
+    op_row("cross_entropy", [(2, 3, 5), (2, 3, 5)], (real, real), label_smoothing=0.1),
+    op_row("cross_entropy", [(5,), (5,)], (real, probabilities), reduction="sum"),
+    op_row(
+        "cross_entropy",
+        [(4, 3), (4, 3)],
+        (real, probabilities),
+        reduction="none",
+        label_smoothing=0.3,
+    ),
     op_row("conv2d", [(2, 2, 5, 5), (3, 2, 3, 3)]),
     op_row("conv2d", [(1, 2, 5, 5), (3, 2, 3, 3)], stride=[2], padding=[1]),
     op_row("conv2d", [(1, 2, 6, 5), (2, 2, 2, 3)], stride=[1, 2], padding=[1, 0], dilation=[2]),
@@ -990,6 +1024,7 @@ FLOAT32_ROWS: list[Row] = [
     op_row("softmax", [(2, 3)]),
     op_row("log_softmax", [(2, 3)]),
     op_row("cross_entropy", [(4, 3), (4,)], (real, integers(0, 3))),
+    op_row("cross_entropy", [(4, 3), (4, 3)], (real, probabilities), label_smoothing=0.1),
     op_row("take", [(4, 3), (5,)], (real, integers(-4, 4))),
     op_row("concat", [(2, 1), (2, 3)], axis=1),
     op_row("conv2d", [(1, 2, 5, 5), (3, 2, 3, 3)], stride=[2], padding=[1]),

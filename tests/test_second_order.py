@@ -884,6 +884,7 @@ OP_ROWS: list[Row] = [
     row("cross_entropy", [(4, 3), (4,)], (real, integers(0, 3))),
     row("cross_entropy", [(4, 3), (4,)], (real, integers(0, 3)), reduction="sum"),
     row("cross_entropy", [(2, 3, 5), (2, 3)], (real, integers(0, 5)), reduction="none"),
+    row("cross_entropy", [(4, 3), (4, 3)], reduction="sum", label_smoothing=0.2),
     row("conv2d", [(2, 2, 5, 5), (3, 2, 3, 3)]),
     row("conv2d", [(1, 2, 6, 5), (2, 2, 2, 3)], stride=[1, 2], padding=[1, 0], dilation=[2]),
     row("conv2d_input_grad", [(1, 3, 3, 3), (3, 2, 3, 3)], input_shape=[1, 2, 5, 5]),

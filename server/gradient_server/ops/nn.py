@@ -106,58 +106,116 @@ _REDUCTIONS = ("mean", "sum", "none")
 
 
 def _cross_entropy_infer(attrs, logits: TensorType, labels: TensorType) -> TensorType:
-    if labels.dtype.kind != "i":
-        raise ShapeError(f"labels must be int32 or int64 class indices, got {labels.dtype.name}")
-    if len(logits.shape) < 1 or logits.shape[:-1] != labels.shape:
+    if len(logits.shape) < 1:
+        raise ShapeError("logits need a class axis")
+    if labels.dtype.kind == "f":
+        if labels.shape != logits.shape:
+            raise ShapeError(
+                f"float labels (class probabilities) {list(labels.shape)} must have the "
+                f"logits' shape {list(logits.shape)}"
+            )
+        dtype = np.result_type(float_dtype(logits.dtype), labels.dtype)
+    elif labels.dtype.kind == "i":
+        if logits.shape[:-1] != labels.shape:
+            raise ShapeError(
+                f"logits {list(logits.shape)} must be labels' shape {list(labels.shape)} plus "
+                "a class axis"
+            )
+        dtype = float_dtype(logits.dtype)
+    else:
         raise ShapeError(
-            f"logits {list(logits.shape)} must be labels' shape {list(labels.shape)} plus a "
-            "class axis"
+            "labels must be int32 or int64 class indices or float class probabilities, got "
+            f"{labels.dtype.name}"
         )
     if attrs["reduction"] not in _REDUCTIONS:
         raise ShapeError(f"reduction must be one of {', '.join(_REDUCTIONS)}")
-    shape = labels.shape if attrs["reduction"] == "none" else ()
-    return TensorType(float_dtype(logits.dtype), shape)
+    smoothing = attrs["label_smoothing"]
+    if not 0.0 <= smoothing <= 1.0:
+        raise ShapeError(f"label_smoothing must be in [0, 1], got {smoothing}")
+    shape = logits.shape[:-1] if attrs["reduction"] == "none" else ()
+    return TensorType(dtype, shape)
 
 
 def _cross_entropy_forward(call: Call, logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    dtype = call.type.dtype
     classes = logits.shape[-1]
-    if labels.size and (labels.min() < 0 or labels.max() >= classes):
-        bad = labels[(labels < 0) | (labels >= classes)].flat[0]
-        raise InvalidValue(f"label {bad} is out of range for {classes} classes")
-    log_p = _log_softmax(logits.astype(call.type.dtype, copy=False), -1)
-    losses = -np.take_along_axis(log_p, labels[..., None].astype(np.intp), axis=-1)[..., 0]
+    smoothing = call.attrs["label_smoothing"]
+    log_p = _log_softmax(logits.astype(dtype, copy=False), -1)
+    if labels.dtype.kind == "f":
+        # Class probabilities, smoothed towards the uniform distribution.
+        target = labels.astype(dtype, copy=False)
+        losses = -np.sum(target * log_p, axis=-1)
+        if smoothing:
+            uniform = -np.sum(log_p, axis=-1) / classes
+            losses = (1 - smoothing) * losses + smoothing * uniform
+    else:
+        if labels.size and (labels.min() < 0 or labels.max() >= classes):
+            bad = labels[(labels < 0) | (labels >= classes)].flat[0]
+            raise InvalidValue(f"label {bad} is out of range for {classes} classes")
+        losses = -np.take_along_axis(log_p, labels[..., None].astype(np.intp), axis=-1)[..., 0]
+        if smoothing:
+            uniform = -np.sum(log_p, axis=-1) / classes
+            losses = (1 - smoothing) * losses + smoothing * uniform
+    losses = np.asarray(losses, dtype)
     reduction = call.attrs["reduction"]
     if reduction == "mean":
-        return np.mean(losses) if losses.size else np.array(np.nan, call.type.dtype)
+        return np.mean(losses) if losses.size else np.array(np.nan, dtype)
     return np.sum(losses) if reduction == "sum" else losses
 
 
 def _cross_entropy_grad(b: Emitter, call: GradCall, g: Ref):
-    # d/dlogits = (softmax(logits) - one_hot(labels)) * g, over the batch size for "mean".
+    # With q the (smoothed) target distribution, loss = -sum(q * log_softmax(logits)):
+    # d/dlogits = (softmax(logits) * sum(q) - q) * g and, for float labels p, whose q is
+    # (1 - e) * p + e / classes, d/dp = -(1 - e) * log_softmax(logits) * g (per row of g,
+    # over the number of rows for "mean").
     logits, labels = call.inputs
     classes = logits.shape[-1]
+    smoothing = call.attrs["label_smoothing"]
     probabilities = b.softmax(logits, axis=-1)
-    target = b.one_hot(labels, depth=classes, dtype=probabilities.dtype.name)
     upstream = g if call.attrs["reduction"] != "none" else b.expand_dims(g, axis=[-1])
     if call.attrs["reduction"] == "mean":
-        upstream = b.div(upstream, max(int(np.prod(labels.shape)), 1))
+        upstream = b.div(upstream, max(int(np.prod(logits.shape[:-1])), 1))
+    if labels.dtype.kind == "f":
+        target = labels
+        if smoothing:
+            target = b.add(b.mul(labels, 1.0 - smoothing), smoothing / classes)
+        total = b.sum(target, axis=[-1], keepdims=True)
+        logits_grad = b.mul(b.sub(b.mul(probabilities, total), target), upstream)
+        labels_grad = b.mul(b.log_softmax(logits, axis=-1), b.mul(upstream, smoothing - 1.0))
+        return logits_grad, labels_grad
+    target = b.one_hot(labels, depth=classes, dtype=probabilities.dtype.name)
+    if smoothing:
+        target = b.add(b.mul(target, 1.0 - smoothing), smoothing / classes)
     return b.mul(b.sub(probabilities, target), upstream), None
 
 
 register(
     OpDef(
         "cross_entropy",
-        "Softmax cross-entropy of logits (..., classes) against int labels (...), "
-        "computed without overflow.",
+        "Softmax cross-entropy of logits (..., classes), computed without overflow, against "
+        "labels that are either int class indices (...) or float class probabilities of the "
+        "logits' shape (as torch.nn.functional.cross_entropy); the loss of a row is "
+        "-sum(q * log_softmax(logits)) with q the target distribution, smoothed to "
+        "(1 - label_smoothing) * q + label_smoothing / classes. The mean divides by the "
+        "number of rows. Gradients flow to float labels.",
         ("logits", "labels"),
         _cross_entropy_infer,
         _cross_entropy_forward,
         _cross_entropy_grad,
-        differentiable=(True, False),
-        attrs=(AttrSpec("reduction", "string", "mean", "mean, sum or none."),),
-        # The labels checked, log_softmax over the logits, a gather and a reduction; its
-        # passes count on the logits, much larger than the result.
-        cost=pass_cost(9, 1),
+        differentiable=(True, True),
+        attrs=(
+            AttrSpec("reduction", "string", "mean", "mean, sum or none."),
+            AttrSpec(
+                "label_smoothing",
+                "float",
+                0.0,
+                "In [0, 1]: the weight of the uniform distribution mixed into the target.",
+            ),
+        ),
+        # The labels checked (or multiplied in), log_softmax over the logits, a gather or a
+        # product and a reduction, and a sum over the classes when smoothing; its passes count
+        # on the logits, much larger than the result.
+        cost=lambda call: pass_cost(9 + 2 * (call.attrs["label_smoothing"] != 0.0), 1)(call),
     )
 )
 
