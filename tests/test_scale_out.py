@@ -133,7 +133,7 @@ def test_channel_defaults_options_and_service_config():
     assert config["loadBalancingConfig"] == [{"round_robin": {}}]
     (method,) = config["methodConfig"]
     assert method["name"] == [{"service": "gradient.v1.GradientService"}]
-    assert method["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
+    assert method["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE", "CANCELLED"]
     assert options["grpc.per_rpc_retry_buffer_size"] == 1 << 20  # large calls retry too
     assert options["grpc.keepalive_time_ms"] == 60_000
     # options= adds and overrides; service_config= replaces the default (dict or JSON).

@@ -10,7 +10,9 @@ to. The defaults, and why:
   spreads calls over them; gRPC's default (`pick_first`) would send everything to one.
 - A retry policy: UNAVAILABLE (a replica stopping, restarting or unreachable, a connection
   reset) is retried up to 5 attempts in all, backing off from 50 ms to 1 s, always within the
-  call's deadline. Other codes are answers, never retried. Requests are kept for retrying up
+  call's deadline; so is CANCELLED coming from the server, which gRPC answers to a call that
+  reached a server just as it stopped accepting calls (a call the client cancels itself is
+  never retried). Other codes are answers, never retried. Requests are kept for retrying up
   to the message size limit (gRPC keeps only 256 KiB by default, so large calls would not be
   retried).
 - Keepalive: a ping every 60 s (idle connections included) that must be answered within 20 s,
@@ -36,7 +38,7 @@ DEFAULT_SERVICE_CONFIG: dict[str, Any] = {
                 "initialBackoff": "0.05s",
                 "maxBackoff": "1s",
                 "backoffMultiplier": 2,
-                "retryableStatusCodes": ["UNAVAILABLE"],
+                "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
             },
         }
     ],

@@ -490,8 +490,9 @@ class GradientClient:
 
     `target` is any gRPC target: `host:port`, `dns:///name:port` (every address the name
     resolves to, e.g. a headless Kubernetes Service), `ipv4:a:p,b:p`. Calls are balanced
-    round-robin over its addresses and retried on UNAVAILABLE (up to 5 attempts, within the
-    call's deadline; every RPC of the service is idempotent), and connections are kept alive
+    round-robin over its addresses and retried on UNAVAILABLE or a stopping server's
+    CANCELLED (up to 5 attempts, within the call's deadline; every RPC of the service is
+    idempotent), and connections are kept alive
     with pings: see gradient_client.channel for each default and why. `service_config`
     (a dict or JSON) replaces that default service config; `options` are channel arguments
     added to (or overriding) the SDK's.

@@ -393,10 +393,11 @@ class GradientServer:
         """Turn health NOT_SERVING (ending Watch streams), refuse new calls, tell open
         sessions to end, and let in-flight calls finish within `grace`; returns as soon as the
         last one has."""
-        # Sessions first: one waiting for its client ends before anyone hears NOT_SERVING.
+        # Idle sessions end and new calls are refused before anyone hears NOT_SERVING, so a
+        # client that heard it is never served here again.
         self.servicer.begin_shutdown()
-        self.health.enter_graceful_shutdown()
         stopped = self.grpc_server.stop(grace)
+        self.health.enter_graceful_shutdown()
         stopped.wait()
         if self.health_server is not None:
             self.health_server.stop(0).wait()
