@@ -569,17 +569,24 @@ def test_broadcast_of_a_scalar_to_a_huge_shape_is_refused_cleanly(client):
 
 
 def test_byte_limit(limited):
-    # Each node holds 100 float64 = 800 bytes; 5 of them is 4000 bytes (the limit), 6 is over.
-    fits, last = neg_chain(5)
-    value = limited.forward(fits, {"x": np.ones(100)}, fetch=[last])[last]
-    assert np.array_equal(value, np.ones(100))  # four negations
+    # Each node holds 100 float64 = 800 bytes; the limit is 4000 bytes. Values are charged
+    # while they are alive: a chain fetching only its end holds the input, the value before
+    # and the one being computed (2400 bytes) however long it is (up to max_nodes, 10).
+    long_chain, last = neg_chain(9)
+    value = limited.forward(long_chain, {"x": np.ones(100)}, fetch=[last])[last]
+    assert np.array_equal(value, np.ones(100))  # eight negations: 7200 bytes computed in all
+    # Fetching every node keeps every value alive: 5 of them fit (4000 bytes), 6 do not.
+    fits, _ = neg_chain(5)  # x and four negations
+    assert len(limited.forward(fits, {"x": np.ones(100)}).values) == 5
     over, last = neg_chain(6)
-    expect_error(
+    details = expect_error(
         limited,
-        lambda: limited.forward(over, {"x": np.ones(100)}, fetch=[last]),
+        lambda: limited.forward(over, {"x": np.ones(100)}),
         "max_bytes",
+        "4800 bytes",
         code=grpc.StatusCode.RESOURCE_EXHAUSTED,
     )
+    assert f"at node {last!r}" in details  # where the peak is
 
 
 # ---------------------------------------------------------------------------------------------

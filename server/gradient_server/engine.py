@@ -36,7 +36,8 @@ class Limits:
     max_tensor_elements: int = 1 << 28
     """Elements of any one tensor, fed or computed."""
     max_bytes: int = 8 << 30
-    """Estimated bytes of all the values a request computes (as if none were freed)."""
+    """Estimated bytes a request holds at its peak: its inputs, the values alive at each step
+    (each freed after its last use), and the step's result and scratch space."""
     max_check_evaluations: int = 20_000
     """Forward passes one CheckGradient request may run (two per element or direction)."""
     max_flops: int = 10**12
@@ -271,8 +272,8 @@ class Engine:
     def _run(
         self, plan: Plan, feeds: Mapping[str, np.ndarray], check_deadline: Callable[[], None]
     ) -> dict[str, np.ndarray]:
-        """Run a plan once the memory budget admits it: its values as if none were freed,
-        its largest scratch space, and the copies of its results in the response."""
+        """Run a plan once the memory budget admits it: its peak (Plan.estimated_bytes) and
+        the copies of its results in the response."""
         if self.budget is None:
             return plan.run(feeds, check_deadline, self.op_times)
         with self.budget.admitted(plan.estimated_bytes + plan.fetched_bytes, check_deadline):
@@ -376,8 +377,9 @@ class Engine:
                 limit="max_tensor_elements",
             )
         if plan.estimated_bytes > self.limits.max_bytes:
+            where = f" (at its peak, at {plan.peak_node.describe()})" if plan.peak_node else ""
             raise LimitExceeded(
-                f"the request would compute about {plan.estimated_bytes} bytes; the limit "
+                f"the request would hold about {plan.estimated_bytes} bytes{where}; the limit "
                 f"(max_bytes) is {self.limits.max_bytes}",
                 limit="max_bytes",
             )

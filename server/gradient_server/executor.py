@@ -66,17 +66,24 @@ class Plan:
             if step.node.op != "input"
         )
         self.held_bytes = STEP_BYTES * len(self.steps)
-        # Every value as if none were freed, plus the largest scratch space of any one op.
-        self.estimated_bytes = sum(
-            types[node.name].size * types[node.name].dtype.itemsize for node in nodes
-        ) + max(
-            (
-                step.node.opdef.workspace(step.call)
-                for step in self.steps
-                if step.node.opdef.workspace
-            ),
-            default=0,
-        )
+        # The memory at the plan's peak: the values alive at each step under the release
+        # schedule (the request's inputs all along), plus the step's result and scratch space.
+        nbytes = {
+            node.name: types[node.name].size * types[node.name].dtype.itemsize for node in nodes
+        }
+        inputs = set(self._inputs)
+        live = sum(nbytes[name] for name in inputs)
+        self.estimated_bytes, self.peak_node = live, None
+        for step in self.steps:
+            if step.node.name in inputs:
+                continue
+            opdef = step.node.opdef
+            scratch = opdef.workspace(step.call) if opdef.workspace else 0
+            if live + nbytes[step.node.name] + scratch > self.estimated_bytes:
+                self.estimated_bytes = live + nbytes[step.node.name] + scratch
+                self.peak_node = step.node
+            live += nbytes[step.node.name]
+            live -= sum(nbytes[name] for name in step.release if name not in inputs)
         # The fetched values are copied once more, into the response.
         self.fetched_bytes = sum(
             types[name].size * types[name].dtype.itemsize for name in fetch if name in types
