@@ -4,7 +4,6 @@ while the status message stays readable alone."""
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 
 import grpc
@@ -13,27 +12,17 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from lecture import LECTURE, lecture_graph
+from test_serving import running_server
 
 from gradient.v1 import gradient_service_pb2 as service_pb2
 from gradient.v1 import graph_pb2
 from gradient_client import GradientClient, GradientError, Graph
 from gradient_server.engine import Engine, Limits
-from gradient_server.service import create_server
-
-
-@contextlib.contextmanager
-def serving(**settings) -> Iterator[str]:
-    server, port = create_server("127.0.0.1:0", **settings)
-    server.start()
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        server.stop(0)
 
 
 @pytest.fixture(scope="module")
 def address() -> Iterator[str]:
-    with serving(engine=Engine(Limits(max_bytes=1 << 20))) as running:
+    with running_server(engine=Engine(Limits(max_bytes=1 << 20))) as running:
         yield running
 
 
@@ -154,7 +143,7 @@ def test_a_session_ended_by_a_failed_step_carries_its_details(address):
 
 
 def test_too_many_sessions_is_a_quota_failure():
-    with serving(max_sessions=1) as address, GradientClient(address, timeout=10) as client:
+    with running_server(max_sessions=1) as address, GradientClient(address, timeout=10) as client:
         with client.session(lecture_graph(), "f") as first:
             assert float(first.gradient(LECTURE).values["f"]) == -12.0
 

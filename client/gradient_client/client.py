@@ -354,24 +354,35 @@ _RESPONSE_TYPES = {
 }
 
 
-def _channel_options(
+def _connect(
+    module: Any,
+    target: str,
+    *,
     max_message_mb: int,
+    credentials: grpc.ChannelCredentials | None,
     connections: int,
-    service_config: Mapping[str, Any] | str | None,
+    tls: bool | TLS | None,
+    token: str | None,
     options: Sequence[tuple[str, Any]],
-) -> list[tuple[str, Any]]:
-    size = check_message_mb(max_message_mb) * 1024 * 1024
+    service_config: Mapping[str, Any] | str | None,
+) -> tuple[list[_Connection], bool]:
+    """The connections of a client (`module` is grpc or grpc.aio) and whether they speak TLS."""
+    if connections < 1:
+        raise ValueError(f"connections must be at least 1, got {connections}")
+    credentials, tls_options = _security(credentials, tls)
+    extra = [*tls_options, *options]
     if connections > 1:  # each channel its own connection, not one shared subchannel
-        options = [("grpc.use_local_subchannel_pool", 1), *options]
-    return channel_options(size, service_config=service_config, options=options)
-
-
-def _make_channels(module: Any, target: str, credentials, options, count: int) -> list[Any]:
-    if count < 1:
-        raise ValueError(f"connections must be at least 1, got {count}")
-    if credentials is not None:
-        return [module.secure_channel(target, credentials, options) for _ in range(count)]
-    return [module.insecure_channel(target, options) for _ in range(count)]
+        extra = [("grpc.use_local_subchannel_pool", 1), *extra]
+    size = check_message_mb(max_message_mb) * 1024 * 1024
+    settings = channel_options(size, service_config=service_config, options=extra)
+    metadata = token_metadata(token)
+    channels = [
+        module.secure_channel(target, credentials, settings)
+        if credentials is not None
+        else module.insecure_channel(target, settings)
+        for _ in range(connections)
+    ]
+    return [_Connection(channel, metadata) for channel in channels], credentials is not None
 
 
 class _Connection:
@@ -516,15 +527,18 @@ class GradientClient:
         options: Sequence[tuple[str, Any]] = (),
         service_config: Mapping[str, Any] | str | None = None,
     ):
-        credentials, tls_options = _security(credentials, tls)
-        self.tls = credentials is not None
-        self.target = target
-        settings = _channel_options(
-            max_message_mb, connections, service_config, [*tls_options, *options]
+        self._connections, self.tls = _connect(
+            grpc,
+            target,
+            max_message_mb=max_message_mb,
+            credentials=credentials,
+            connections=connections,
+            tls=tls,
+            token=token,
+            options=options,
+            service_config=service_config,
         )
-        channels = _make_channels(grpc, target, credentials, settings, connections)
-        metadata = token_metadata(token)
-        self._connections = [_Connection(channel, metadata) for channel in channels]
+        self.target = target
         self._next = itertools.cycle(self._connections)
         self._known = _KnownGraphs()
         self.timeout = timeout
@@ -764,15 +778,18 @@ class AsyncGradientClient:
         options: Sequence[tuple[str, Any]] = (),
         service_config: Mapping[str, Any] | str | None = None,
     ):
-        credentials, tls_options = _security(credentials, tls)
-        self.tls = credentials is not None
-        self.target = target
-        settings = _channel_options(
-            max_message_mb, connections, service_config, [*tls_options, *options]
+        self._connections, self.tls = _connect(
+            grpc.aio,
+            target,
+            max_message_mb=max_message_mb,
+            credentials=credentials,
+            connections=connections,
+            tls=tls,
+            token=token,
+            options=options,
+            service_config=service_config,
         )
-        channels = _make_channels(grpc.aio, target, credentials, settings, connections)
-        metadata = token_metadata(token)
-        self._connections = [_Connection(channel, metadata) for channel in channels]
+        self.target = target
         self._next = itertools.cycle(self._connections)
         self._known = _KnownGraphs()
         self.timeout = timeout
