@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -123,6 +125,32 @@ class _LRU(Generic[K, V]):
                 _, (_, evicted) = self._items.popitem(last=False)
                 self._bytes -= evicted
         return value
+
+
+_gc_pauses = 0
+_gc_was_enabled = True
+_gc_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while compiling. Compiling a large graph makes
+    millions of small objects, none of them in cycles (reference counting frees them), and
+    each of the collector's full passes walks all of them: on a 100,000-node gradient it took
+    a third of the time. Nested and concurrent pauses share one switch."""
+    global _gc_pauses, _gc_was_enabled
+    with _gc_lock:
+        _gc_pauses += 1
+        if _gc_pauses == 1:
+            _gc_was_enabled = gc.isenabled()
+            gc.disable()
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_pauses -= 1
+            if _gc_pauses == 0 and _gc_was_enabled:
+                gc.enable()
 
 
 @dataclass(slots=True)
@@ -285,7 +313,8 @@ class Engine:
         def timed() -> object:
             began = time.perf_counter()
             try:
-                return compile_plan()
+                with _gc_paused():
+                    return compile_plan()
             finally:
                 elapsed = time.perf_counter() - began
                 with self._compile_lock:
@@ -333,6 +362,12 @@ class Engine:
         return graph
 
     def _decode(
+        self, message: graph_pb2.Graph, check_deadline: Callable[[], None], digest: str
+    ) -> Graph:
+        with _gc_paused():
+            return self._decode_checked(message, check_deadline, digest)
+
+    def _decode_checked(
         self, message: graph_pb2.Graph, check_deadline: Callable[[], None], digest: str
     ) -> Graph:
         if len(message.nodes) > self.limits.max_nodes:
