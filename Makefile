@@ -31,9 +31,12 @@ fuzz: $(VENV)/.installed-test  ## the fuzzers, with FUZZ_EXAMPLES (default 20000
 	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-20000} $(BIN)/python -m pytest tests/test_fuzz.py tests/test_byte_fuzz.py
 
 # Benchmarks compare with floors measured in the same run; OpenBLAS tuning variables are unset
-# for every side alike.
-bench: $(VENV)/.installed-test  ## the serving benchmarks, side by side with bare gRPC
+# for every side alike. bench_engine.py runs the engine in-process against hand-written numpy,
+# PyTorch and JAX (workloads A-D and the big chains of issue 11, each side in its own process
+# for its peak RSS); it takes minutes (workload D, the 1,000,000-node chain).
+bench: $(VENV)/.installed-test  ## the serving benchmarks (vs bare gRPC) and the engine's (vs numpy)
 	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(BIN)/python benchmarks/bench_serving.py
+	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(BIN)/python benchmarks/bench_engine.py
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
