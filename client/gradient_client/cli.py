@@ -8,11 +8,13 @@ import os
 import sys
 import zipfile
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from google.protobuf import json_format
+from google.protobuf.message import DecodeError
 
 from gradient.v1 import graph_pb2
 
@@ -76,15 +78,51 @@ def _seed(text: str) -> np.ndarray:
 # -- the graph file -------------------------------------------------------------------------
 
 
-def _read_graph(path: str) -> graph_pb2.Graph:
+@dataclass
+class _GraphFile:
+    """A graph read from a file, with what the file supplies besides its nodes."""
+
+    message: graph_pb2.Graph
+    defaults: dict[str, np.ndarray] = field(default_factory=dict)
+    """Feeds the file supplies (an ONNX model's initializers), overridden by given ones."""
+    outputs: list[str] = field(default_factory=list)
+    """The outputs the file names (an ONNX model's); empty for a JSON graph."""
+
+
+def _read_graph(path: str) -> _GraphFile:
+    """A gradient.v1.Graph in JSON, or an ONNX model (a path ending in .onnx)."""
+    if path.lower().endswith(".onnx"):
+        return _read_onnx(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as error:
         raise _Failure(f"cannot read {path}: {error.strerror or error}") from None
     try:
-        return json_format.Parse(text, graph_pb2.Graph())
+        return _GraphFile(json_format.Parse(text, graph_pb2.Graph()))
     except json_format.ParseError as error:
         raise _Failure(f"{path} is not a gradient.v1.Graph in JSON: {error}") from None
+
+
+def _read_onnx(path: str) -> _GraphFile:
+    """An ONNX model, imported with its initializers as inputs fed from the file (so that the
+    gradients of the weights come back)."""
+    from . import onnx as onnx_import  # imports the onnx package only when it runs
+
+    try:
+        imported = onnx_import.from_onnx(path)  # a path: external data files are found
+    except OSError as error:
+        raise _Failure(f"cannot read {path}: {error.strerror or error}") from None
+    except ModuleNotFoundError as error:
+        if error.name != "onnx":
+            raise
+        raise _Failure(str(error)) from None
+    except onnx_import.OnnxImportError as error:
+        raise _Failure(f"{path}: {error}") from None
+    except DecodeError as error:
+        raise _Failure(f"{path} is not an ONNX model: {error}") from None
+    return _GraphFile(
+        imported.graph.to_proto(), dict(imported.initializers), list(imported.outputs)
+    )
 
 
 def _declared_dtypes(graph: graph_pb2.Graph) -> dict[str, str]:
@@ -110,9 +148,11 @@ def _arrays(
     return arrays
 
 
-def _inputs(args: argparse.Namespace, graph: graph_pb2.Graph) -> dict[str, np.ndarray]:
-    """The feeds: arrays of the --inputs .npz file, overridden by each --input."""
-    feeds: dict[str, np.ndarray] = {}
+def _inputs(args: argparse.Namespace, file: _GraphFile) -> dict[str, np.ndarray]:
+    """The feeds: the file's own (an ONNX model's initializers), overridden by the arrays of
+    the --inputs .npz file, overridden by each --input."""
+    graph = file.message
+    feeds: dict[str, np.ndarray] = dict(file.defaults)
     if args.inputs_file:
         declared = _declared_dtypes(graph)
         try:
@@ -134,11 +174,19 @@ def _sinks(graph: graph_pb2.Graph) -> list[str]:
     return [node.name for node in graph.nodes if node.name not in used]
 
 
-def _output(args: argparse.Namespace, graph: graph_pb2.Graph) -> str:
-    """--output, or the graph's only sink (the node no other node uses)."""
+def _output(args: argparse.Namespace, file: _GraphFile) -> str:
+    """--output, or the model's only output (ONNX), or the graph's only sink (the node no
+    other node uses)."""
     if args.output:
         return args.output
-    sinks = _sinks(graph)
+    if len(file.outputs) == 1:
+        return file.outputs[0]
+    if file.outputs:
+        raise _Usage(
+            f"the model has several outputs ({', '.join(file.outputs)}); choose one with "
+            "--output NAME"
+        )
+    sinks = _sinks(file.message)
     if len(sinks) == 1:
         return sinks[0]
     if not sinks:
@@ -271,8 +319,9 @@ def _cmd_ops(args: argparse.Namespace) -> int:
 
 
 def _cmd_forward(args: argparse.Namespace) -> int:
-    graph = _read_graph(args.graph)
-    inputs = _inputs(args, graph)
+    file = _read_graph(args.graph)
+    graph = file.message
+    inputs = _inputs(args, file)
     with _client(args) as client:
         result = client.forward(graph, inputs, fetch=args.fetch or None)
     order = _ordered(graph, result.values)
@@ -286,9 +335,10 @@ def _cmd_forward(args: argparse.Namespace) -> int:
 
 
 def _cmd_grad(args: argparse.Namespace) -> int:
-    graph = _read_graph(args.graph)
-    inputs = _inputs(args, graph)
-    output = _output(args, graph)
+    file = _read_graph(args.graph)
+    graph = file.message
+    inputs = _inputs(args, file)
+    output = _output(args, file)
     with _client(args) as client:
         result = client.gradient(graph, output, inputs, wrt=args.wrt or None, seed=args.seed)
     order = _ordered(graph, {**result.values, **result.gradients})
@@ -315,9 +365,10 @@ def _cmd_grad(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    graph = _read_graph(args.graph)
-    inputs = _inputs(args, graph)
-    output = _output(args, graph)
+    file = _read_graph(args.graph)
+    graph = file.message
+    inputs = _inputs(args, file)
+    output = _output(args, file)
     with _client(args) as client:
         report = client.check_gradient(
             graph,
@@ -372,15 +423,16 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_draw(args: argparse.Namespace) -> int:
-    graph = _read_graph(args.graph)
+    file = _read_graph(args.graph)
+    graph: Any = file.message
     result: Any = None
     backward: GradientGraphResult | None = None
     output: str | None = None
     if args.backward and not (args.input or args.inputs_file):
         raise _Usage("--backward needs the inputs: the backward graph depends on their shapes")
     if args.input or args.inputs_file:
-        inputs = _inputs(args, graph)
-        output = _output(args, graph)
+        inputs = _inputs(args, file)
+        output = _output(args, file)
         with _client(args) as client:
             if args.backward:
                 backward, result = _backward(client, graph, output, inputs, args.seed)
@@ -412,9 +464,10 @@ def _backward(
 
 
 def _cmd_hvp(args: argparse.Namespace) -> int:
-    graph = _read_graph(args.graph)
-    inputs = _inputs(args, graph)
-    output = _output(args, graph)
+    file = _read_graph(args.graph)
+    graph = file.message
+    inputs = _inputs(args, file)
+    output = _output(args, file)
     vector = _arrays(graph, args.vector, "--vector")
     with _client(args) as client:
         products = client.hvp(graph, output, inputs, vector)
@@ -461,7 +514,12 @@ def _parser() -> argparse.ArgumentParser:
     _add_connection_options(common, defaults=False)
 
     graph_file = argparse.ArgumentParser(add_help=False)
-    graph_file.add_argument("graph", metavar="GRAPH.json", help="a gradient.v1.Graph in JSON")
+    graph_file.add_argument(
+        "graph",
+        metavar="GRAPH.json",
+        help="a gradient.v1.Graph in JSON, or an ONNX model (MODEL.onnx: its initializers are "
+        "fed as inputs, so their gradients come back; needs the onnx extra)",
+    )
 
     feeds = argparse.ArgumentParser(add_help=False)
     feeds.add_argument(
@@ -506,7 +564,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gradient-client",
         description="Call a gradient service: list its ops, and compute, check and draw the "
-        "values and gradients of a graph stored as JSON (a gradient.v1.Graph).",
+        "values and gradients of a graph stored as JSON (a gradient.v1.Graph) or of an ONNX "
+        "model (.onnx).",
         epilog="example: gradient-client grad examples/lecture_scalar.json "
         "--input x=-2 --input y=5 --input z=-4",
     )
