@@ -534,6 +534,55 @@ def test_int_arithmetic_keeps_onnx_types(engine):
     check_forward(engine, model, {"a": a, "b": b})
 
 
+def test_symbolic_batch_dimension(engine):
+    """A batch dimension named, not sized: the input declares no shape, so any batch runs, and
+    Reshape's copied dimension (0) becomes a flatten or a -1."""
+    model = make_model(
+        [
+            node("Reshape", ["x", "keep_flat"], ["flat"]),
+            node("Reshape", ["flat", "keep_split"], ["split"]),
+            node("Flatten", ["split"], ["f"], axis=1),
+            node("Gemm", ["f", "W"], ["y"]),
+        ],
+        {"x": (FLOAT, ["N", 3, 2, 2])},
+        ["y"],
+        {
+            "keep_flat": np.array([0, -1], I64),
+            "keep_split": np.array([0, 6, 2], I64),
+            "W": _w(40, 12, 2),
+        },
+    )
+    imported = from_onnx(model)
+    assert "shape" not in imported.graph.to_proto().nodes[0].attrs  # the input "x"
+    ops = {n.name: n.op for n in imported.graph.nodes}
+    assert (ops["flat"], ops["split"]) == ("flatten", "reshape")
+    for batch in (1, 5):
+        check_forward(engine, model, {"x": real(rng_for(f"batch{batch}"), (batch, 3, 2, 2))})
+    unknown = make_model(
+        [node("Reshape", ["x", "shape"], name="r")],
+        {"x": (FLOAT, ["N", "M"])},
+        ["y"],
+        {"shape": np.array([0, 0, 1], I64)},
+    )
+    with pytest.raises(
+        OnnxImportError, match=r"'r' \(Reshape\): shape \[0, 0, 1\]: the 0 at position 0"
+    ):
+        from_onnx(unknown)
+
+
+def test_initializers_listed_as_inputs(engine):
+    """Models of IR version 3 list their initializers among the inputs too: they are
+    initializers (fed by `feeds`), not inputs the caller must give."""
+    model = make_model(
+        [node("MatMul", ["x", "W"])],
+        {"x": (FLOAT, [2, 3]), "W": (FLOAT, [3, 2])},
+        ["y"],
+        {"W": _w(41, 3, 2)},
+    )
+    imported, _ = check_forward(engine, model, {"x": real(rng_for("ir3"), (2, 3))})
+    assert imported.inputs == ("x",) and list(imported.initializers) == ["W"]
+
+
 # ---------------------------------------------------------------------------------------------
 # An MLP and a CNN, end to end over gRPC, and against PyTorch
 

@@ -785,8 +785,8 @@ def _reshape(im: _Importer, c: _Context) -> Node:
     if 0 not in resolved:
         return g.reshape(x, resolved, name=c.output())
     # Leading zeros (copied dimensions) of unknown size: as a flatten, or with -1 first.
-    lead = next(i for i, d in enumerate(shape) if d != 0) if any(shape) else len(shape)
-    rest = shape[lead:]
+    lead = next((i for i, d in enumerate(resolved) if d != 0), len(resolved))
+    rest = resolved[lead:]
     if 0 not in rest:
         if rest == [-1] and lead > 0:
             return g.flatten(x, lead, -1, name=c.output())
