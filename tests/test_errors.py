@@ -463,22 +463,22 @@ def limited() -> Iterator[GradientClient]:
     server.stop(0)
 
 
-def neg_chain(length: int) -> tuple[graph_pb2.Graph, str]:
-    """x -> neg -> neg -> ... : `length` nodes in all."""
+def square_chain(length: int) -> tuple[graph_pb2.Graph, str]:
+    """x -> square -> square -> ... : `length` nodes in all (no simplification shortens it)."""
     message = graph_pb2.Graph()
     message.nodes.add(name="x", op="input")
     previous = "x"
     for i in range(length - 1):
         name = f"n{i}"
-        message.nodes.add(name=name, op="neg", inputs=[previous])
+        message.nodes.add(name=name, op="square", inputs=[previous])
         previous = name
     return message, previous
 
 
 def test_node_limit(limited):
-    fits, last = neg_chain(10)
-    assert float(limited.forward(fits, {"x": 2.5}, fetch=[last])[last]) == -2.5
-    too_many, last = neg_chain(11)
+    fits, last = square_chain(10)
+    assert float(limited.forward(fits, {"x": 1.0}, fetch=[last])[last]) == 1.0
+    too_many, last = square_chain(11)
     details = expect_error(
         limited,
         lambda: limited.forward(too_many, {"x": 2.5}, fetch=[last]),
@@ -572,13 +572,13 @@ def test_byte_limit(limited):
     # Each node holds 100 float64 = 800 bytes; the limit is 4000 bytes. Values are charged
     # while they are alive: a chain fetching only its end holds the input, the value before
     # and the one being computed (2400 bytes) however long it is (up to max_nodes, 10).
-    long_chain, last = neg_chain(9)
+    long_chain, last = square_chain(9)
     value = limited.forward(long_chain, {"x": np.ones(100)}, fetch=[last])[last]
-    assert np.array_equal(value, np.ones(100))  # eight negations: 7200 bytes computed in all
+    assert np.array_equal(value, np.ones(100))  # eight squares: 7200 bytes computed in all
     # Fetching every node keeps every value alive: 5 of them fit (4000 bytes), 6 do not.
-    fits, _ = neg_chain(5)  # x and four negations
+    fits, _ = square_chain(5)  # x and four squares
     assert len(limited.forward(fits, {"x": np.ones(100)}).values) == 5
-    over, last = neg_chain(6)
+    over, last = square_chain(6)
     details = expect_error(
         limited,
         lambda: limited.forward(over, {"x": np.ones(100)}),
@@ -594,7 +594,7 @@ def test_byte_limit(limited):
 
 
 def test_deadline_on_a_long_chain(client):
-    message, last = neg_chain(30_000)
+    message, last = square_chain(30_000)
     started = time.monotonic()
     details = expect_error(
         client,

@@ -23,6 +23,7 @@ from .autodiff import GradientGraph, directional_derivative, gradient_graph
 from .errors import GraphError, LimitExceeded, UnknownGraph, no_deadline
 from .executor import OpTimes, Plan
 from .ir import Graph, decode_graph, did_you_mean, graph_digest, infer_types
+from .simplify import simplify
 from .tensor_type import TensorType
 
 K = TypeVar("K", bound=Hashable)
@@ -403,12 +404,11 @@ class Engine:
         return TensorType(value.dtype, value.shape)
 
     def _check_plan(self, plan: Plan, types: Mapping[str, TensorType]) -> Plan:
-        largest = max((types[s.node.name] for s in plan.steps), key=lambda t: t.size, default=None)
-        if largest is not None and largest.size > self.limits.max_tensor_elements:
-            name = next(s.node.name for s in plan.steps if types[s.node.name] is largest)
+        largest = plan.largest_value
+        if largest is not None and types[largest.name].size > self.limits.max_tensor_elements:
             raise LimitExceeded(
-                f"node {name!r} would hold {largest.size} elements; the limit "
-                f"(max_tensor_elements) is {self.limits.max_tensor_elements}",
+                f"node {largest.name!r} would hold {types[largest.name].size} elements; the "
+                f"limit (max_tensor_elements) is {self.limits.max_tensor_elements}",
                 limit="max_tensor_elements",
             )
         if plan.estimated_bytes > self.limits.max_bytes:
@@ -497,7 +497,9 @@ class Engine:
             def compile_plan() -> Plan:
                 needed = graph.ancestors(fetch_names)
                 types = infer_types(graph, feed_types, needed, check_deadline)
-                return self._check_plan(Plan(graph, types, set(fetch_names)), types)
+                simple = simplify(graph, types, fetch_names, check_deadline)
+                plan = Plan(simple.graph, simple.types, set(fetch_names), simple.renamed)
+                return self._check_plan(plan, simple.types)
 
             plan = self._compiled(compiled_key, compile_plan)
             prepared = _Prepared(plan, tuple(fetch_names))
@@ -537,7 +539,19 @@ class Engine:
                     "differentiable; differentiate a float32 or float64 node"
                 )
             combined = gradient_graph(graph, types, output, wrt, check_deadline)
-            plan = Plan(combined.graph, combined.types, {*fetch, *combined.gradients.values()})
+            # The returned gradient graph computes the output and every gradient, its forward
+            # nodes as the client sent them; the backward pass is simplified.
+            roots = [output, *fetch, *combined.gradients.values()]
+            simple = simplify(combined.graph, combined.types, roots, check_deadline, types)
+            combined = GradientGraph(
+                simple.graph,
+                simple.types,
+                {name: simple.name_of(node) for name, node in combined.gradients.items()},
+                combined.skipped,
+                combined.seed,
+            )
+            fetched = {*fetch, *combined.gradients.values()}
+            plan = Plan(combined.graph, combined.types, fetched, simple.renamed)
             self._check_plan(plan, combined.types)
             return _GradientPlan(plan, combined, out_type)
 
@@ -652,8 +666,10 @@ class Engine:
             second = gradient_graph(
                 dotted.graph, dotted.types, dotted.output, variables, check_deadline
             )
-            plan = Plan(second.graph, second.types, set(second.gradients.values()))
-            self._check_plan(plan, second.types)
+            simple = simplify(second.graph, second.types, second.gradients.values(), check_deadline)
+            gradients = {name: simple.name_of(node) for name, node in second.gradients.items()}
+            plan = Plan(simple.graph, simple.types, set(gradients.values()))
+            self._check_plan(plan, simple.types)
             second_seed_type = second.types[second.seed]
             return _HvpPlan(
                 plan,
@@ -661,8 +677,8 @@ class Engine:
                 dotted.vectors,
                 second.seed,
                 second_seed_type,
-                second.gradients,
-                second.graph,
+                gradients,
+                simple.graph,
             )
 
         compiled = self._compiled(key, compile_plan)

@@ -1,4 +1,13 @@
-"""Runs a typed graph with numpy, one op at a time, freeing each value after its last use."""
+"""Runs a typed graph with numpy: a plan of ready-to-call steps, each value freed after its last
+use.
+
+Everything that depends only on types is settled when the plan is built, so running it is a
+loop of calls: each step's function is bound to its node's attributes and types (numpy's own
+function when no operand needs a cast), constants are values from the start (cast once to the
+dtype their consumers compute in), results are wrapped as arrays only where an op can return a
+numpy scalar (0-d results), deadlines are checked only after enough estimated work to matter,
+and an elementwise step writes into the buffer of an operand that dies there when it can.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +16,12 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import fusion
+from .fusion import Kernel
 from .ir import Graph, Node, node_error
 from .ops import Call, InvalidValue
 from .tensor_type import TensorType
@@ -19,81 +30,162 @@ CHECK_RESULT_TYPES = os.environ.get("GRADIENT_CHECK_RESULT_TYPES") == "1"
 """Check every op's result against the type its rule promised (a debug mode: the test suite
 turns it on; a mismatch is a bug in the op table and fails the call with INTERNAL)."""
 
-
 STEP_BYTES = 400
 """Memory a plan's step takes (its bound call and its bookkeeping), measured on chains."""
+
+CHECK_EVERY_FLOPS = 10_000_000
+"""Estimated work between deadline checks (about 0.2 ms on the machine the costs were measured
+on): a check costs about as much as a tiny op, so a chain of tiny ops checks only now and then,
+and a request still stops within this much work (plus one op) of its deadline."""
+
+REUSE_MIN_ELEMENTS = 1 << 12
+"""Results at least this large are written into a dying operand's buffer when one fits: below
+it, numpy's allocator recycles small blocks as fast."""
 
 
 @dataclass(frozen=True)
 class _Step:
+    """A node as the plan runs it: its call (attributes and types), the values no later step
+    needs (freed after it), and whether its result is written into one of those."""
+
     node: Node
     call: Call
-    release: tuple[str, ...]  # values no later step needs (and nobody fetched)
+    sources: tuple[str, ...]  # the node's inputs, or its kernel's operands
+    release: tuple[str, ...]
+    cost: int  # estimated flops (ops/base.py), of every op of its kernel
+    reuses: str | None = None  # the dying operand whose buffer takes the result
+    kernel: Kernel | None = None  # the fused ops it runs as one, if any
+
+    @property
+    def op(self) -> str:
+        """What it runs, as metrics name it."""
+        return "fused_elementwise" if self.kernel is not None else self.node.op
+
+
+@dataclass(frozen=True)
+class _Instruction:
+    """One step of the program: `name = function(*sources)`, then free `release`."""
+
+    function: Callable[..., np.ndarray]
+    sources: tuple[str, ...]
+    name: str
+    release: tuple[str, ...]
+    check_deadline: bool
+    step: _Step = field(compare=False)
 
 
 class Plan:
-    """The steps that compute `fetch` from the feeds, built once per graph and request shape.
+    """The steps that compute `fetch` from the feeds, built once per graph and request shape."""
 
-    Each step is ready to call: its forward function bound to its node's attributes and
-    types, its operands named, the values to free after it listed.
-    """
-
-    def __init__(self, graph: Graph, types: Mapping[str, TensorType], fetch: set[str]):
-        needed = graph.ancestors(fetch)
-        nodes = [node for name, node in graph.nodes.items() if name in needed]
-        last_use: dict[str, int] = {}
-        for index, node in enumerate(nodes):
-            for source in node.inputs:
-                last_use[source] = index
-        releases: dict[int, list[str]] = {}
-        for name, index in last_use.items():
-            if name not in fetch:
-                releases.setdefault(index, []).append(name)
-        self.fetch = frozenset(fetch)
-        self.steps = [
-            _Step(
-                node,
-                Call(node.attrs, tuple(types[s] for s in node.inputs), types[node.name]),
-                tuple(releases.get(index, ())),
-            )
-            for index, node in enumerate(nodes)
-        ]
-        # Inputs are values from the start, not steps; each op is ready to call.
-        self._inputs = tuple(s.node.name for s in self.steps if s.node.op == "input")
-        self._program = tuple(
-            (step.node.name, _bound(step), step.node.inputs, step.release, step)
-            for step in self.steps
-            if step.node.op != "input"
-        )
-        self.held_bytes = STEP_BYTES * len(self.steps)
-        # The memory at the plan's peak: the values alive at each step under the release
-        # schedule (the request's inputs all along), plus the step's result and scratch space.
-        nbytes = {
-            node.name: types[node.name].size * types[node.name].dtype.itemsize for node in nodes
+    def __init__(
+        self,
+        graph: Graph,
+        types: Mapping[str, TensorType],
+        fetch: set[str],
+        aliases: Mapping[str, str] | None = None,
+    ):
+        """`fetch` names the values run() returns; `aliases` maps a fetched name to the node
+        that computes its value, where another does (after simplification)."""
+        aliases = aliases or {}
+        self._fetch = tuple((name, aliases.get(name, name)) for name in sorted(fetch))
+        self.fetch = frozenset(node for _, node in self._fetch)
+        needed = graph.ancestors(self.fetch)
+        nodes = [node for node in graph.nodes.values() if node.name in needed]
+        self._inputs = tuple(node.name for node in nodes if node.op == "input")
+        # Constants are values, held by the plan (and read-only: no step writes into them).
+        self._constants: dict[str, np.ndarray] = {
+            node.name: _read_only(np.asarray(node.attrs["value"]))
+            for node in nodes
+            if node.op == "constant"
         }
-        inputs = set(self._inputs)
-        live = sum(nbytes[name] for name in inputs)
-        self.estimated_bytes, self.peak_node = live, None
-        for step in self.steps:
-            if step.node.name in inputs:
-                continue
-            opdef = step.node.opdef
-            scratch = opdef.workspace(step.call) if opdef.workspace else 0
-            if live + nbytes[step.node.name] + scratch > self.estimated_bytes:
-                self.estimated_bytes = live + nbytes[step.node.name] + scratch
-                self.peak_node = step.node
-            live += nbytes[step.node.name]
-            live -= sum(nbytes[name] for name in step.release if name not in inputs)
-        # The fetched values are copied once more, into the response.
-        self.fetched_bytes = sum(
-            types[name].size * types[name].dtype.itemsize for name in fetch if name in types
+        # The largest value the plan holds (the engine checks it against its element limit).
+        self.largest_value: Node | None = max(
+            nodes, key=lambda node: types[node.name].size, default=None
         )
+        computed = [node for node in nodes if node.op not in ("input", "constant")]
+        kernels = fusion.find_kernels(computed, types, self.fetch, self._constants)
+        self.steps = _schedule(computed, types, self.fetch, self._constants, kernels)
+        self._program = tuple(self._instructions())
+        self.held_bytes = STEP_BYTES * len(self.steps) + sum(
+            value.nbytes for name, value in self._constants.items() if name not in graph.nodes
+        )
+        self._estimate_memory(types)
         # The work of every op, estimated from its call (the cost section of ops/base.py):
         # in all, and of the costliest op (its node is None when there are no steps).
-        costs = [(step.node.opdef.estimated_cost(step.call), step.node) for step in self.steps]
+        costs = [(step.cost, step.node) for step in self.steps]
         self.estimated_flops: int = sum(cost for cost, _ in costs)
         largest: tuple[int, Node | None] = max(costs, key=lambda c: c[0], default=(0, None))
         self.largest_op_flops, self.largest_op = largest
+
+    # -- building ---------------------------------------------------------------------------
+
+    def _instructions(self) -> list[_Instruction]:
+        program = []
+        since_check = CHECK_EVERY_FLOPS  # the first step checks
+        for step in self.steps:
+            function, sources = self._bind(step)
+            check = since_check >= CHECK_EVERY_FLOPS
+            since_check = step.cost if check else since_check + step.cost
+            program.append(
+                _Instruction(function, sources, step.node.name, step.release, check, step)
+            )
+        return program
+
+    def _bind(self, step: _Step) -> tuple[Callable[..., np.ndarray], tuple[str, ...]]:
+        """The step's function taking only its operands, and the names of those operands."""
+        node, call = step.node, step.call
+        if step.kernel is not None:
+            dtype = call.type.dtype
+            return step.kernel.function, tuple(self._constant_as(s, dtype) for s in step.sources)
+        sources = node.inputs
+        direct = _direct_function(node, call, self._constants)
+        if direct is not None and any(t.dtype != call.type.dtype for t in call.input_types):
+            sources = tuple(self._constant_as(s, call.type.dtype) for s in sources)
+        function = direct or functools.partial(node.opdef.forward, call)
+        if step.reuses is not None:
+            function = _writing_into(function, sources.index(step.reuses))
+        elif call.type.shape == ():
+            function = _as_array(function)  # numpy returns scalars for 0-d results
+        return function, sources
+
+    def _constant_as(self, name: str, dtype: np.dtype) -> str:
+        """The name of the value of `name` in `dtype` (itself if it is not a constant or
+        already has it), adding the cast value to the plan's constants."""
+        value = self._constants.get(name)
+        if value is None or value.dtype == dtype:
+            return name
+        cast_name = f"{name}\0{dtype.str}"  # NUL cannot appear in a node name from the wire
+        if cast_name not in self._constants:
+            self._constants[cast_name] = _read_only(value.astype(dtype))
+        return cast_name
+
+    def _estimate_memory(self, types: Mapping[str, TensorType]) -> None:
+        """The memory at the plan's peak: the values alive at each step under the release
+        schedule (the request's inputs all along), plus the step's result (unless it goes into
+        a dying operand's buffer) and scratch space. Constants belong to the cached graph."""
+
+        def nbytes(name: str) -> int:
+            return types[name].size * types[name].dtype.itemsize
+
+        inputs = set(self._inputs)
+        live = sum(nbytes(name) for name in inputs)
+        self.estimated_bytes, self.peak_node = live, None
+        owned = inputs | set(self._constants)
+        for step in self.steps:
+            opdef = step.node.opdef
+            scratch = opdef.workspace(step.call) if opdef.workspace else 0
+            result = 0 if step.reuses is not None else nbytes(step.node.name)
+            if live + result + scratch > self.estimated_bytes:
+                self.estimated_bytes = live + result + scratch
+                self.peak_node = step.node
+            live += result
+            live -= sum(
+                nbytes(name) for name in step.release if name not in owned and name != step.reuses
+            )
+        # The fetched values are copied once more, into the response.
+        self.fetched_bytes = sum(nbytes(node) for _, node in self._fetch)
+
+    # -- running ----------------------------------------------------------------------------
 
     def run(
         self,
@@ -101,40 +193,79 @@ class Plan:
         check_deadline: Callable[[], None],
         op_times: OpTimes | None = None,
     ) -> dict[str, np.ndarray]:
-        """Compute every fetched value. check_deadline is called between ops and may raise;
-        each op's time is added to `op_times`, if given."""
-        timed: list[tuple[str, float]] | None = None if op_times is None else []
+        """Compute every fetched value. check_deadline is called between ops (after enough
+        estimated work) and may raise; each op's time is added to `op_times`, if given."""
+        values = dict(self._constants)
+        for name in self._inputs:
+            values[name] = feeds[name]
         with np.errstate(all="ignore"):  # inf and nan are the client's results, not warnings
-            try:
-                return self._run(feeds, check_deadline, timed)
-            finally:
-                if op_times is not None and timed:
-                    op_times.add(timed)
+            if op_times is not None:
+                self._run_timed(values, check_deadline, op_times)
+            elif CHECK_RESULT_TYPES:
+                self._run_checked(values, check_deadline)
+            else:
+                self._run(values, check_deadline)
+        return {name: values[node] for name, node in self._fetch}
 
-    def _run(
-        self,
-        feeds: Mapping[str, np.ndarray],
-        check_deadline: Callable[[], None],
-        timed: list[tuple[str, float]] | None,
-    ) -> dict[str, np.ndarray]:
-        values = {name: feeds[name] for name in self._inputs}
-        began = 0.0
-        for name, forward, sources, release, step in self._program:
-            check_deadline()
-            if timed is not None:
-                began = time.perf_counter()
+    def _run(self, values: dict[str, np.ndarray], check_deadline: Callable[[], None]) -> None:
+        instruction = None
+        try:
+            for instruction in self._program:
+                if instruction.check_deadline:
+                    check_deadline()
+                values[instruction.name] = instruction.function(
+                    *[values[s] for s in instruction.sources]
+                )
+                for used in instruction.release:
+                    del values[used]
+        except InvalidValue as e:
+            assert instruction is not None
+            raise node_error(instruction.step.node, str(e)) from None
+
+    def _run_checked(
+        self, values: dict[str, np.ndarray], check_deadline: Callable[[], None]
+    ) -> None:
+        """_run, checking every result against the type its rule promised (debug mode)."""
+        for instruction in self._program:
+            if instruction.check_deadline:
+                check_deadline()
+            step = instruction.step
             try:
-                value = np.asarray(forward(*[values[s] for s in sources]))
+                value = instruction.function(*[values[s] for s in instruction.sources])
             except InvalidValue as e:
                 raise node_error(step.node, str(e)) from None
-            if timed is not None:
-                timed.append((step.node.op, time.perf_counter() - began))
-            if CHECK_RESULT_TYPES:
-                _check_type(step.node, value, step.call.type)
-            values[name] = value
-            for used in release:
+            _check_type(step.node, value, step.call.type)
+            values[instruction.name] = value
+            for used in instruction.release:
                 del values[used]
-        return {name: values[name] for name in self.fetch}
+
+    def _run_timed(
+        self,
+        values: dict[str, np.ndarray],
+        check_deadline: Callable[[], None],
+        op_times: OpTimes,
+    ) -> None:
+        """_run, timing every op (for the metrics)."""
+        timed: list[tuple[str, float]] = []
+        try:
+            for instruction in self._program:
+                if instruction.check_deadline:
+                    check_deadline()
+                step = instruction.step
+                began = time.perf_counter()
+                try:
+                    value = instruction.function(*[values[s] for s in instruction.sources])
+                except InvalidValue as e:
+                    raise node_error(step.node, str(e)) from None
+                timed.append((step.op, time.perf_counter() - began))
+                if CHECK_RESULT_TYPES:
+                    _check_type(step.node, value, step.call.type)
+                values[instruction.name] = value
+                for used in instruction.release:
+                    del values[used]
+        finally:
+            if timed:
+                op_times.add(timed)
 
 
 class OpTimes:
@@ -158,14 +289,124 @@ class OpTimes:
             return dict(self._totals)
 
 
-def _bound(step: _Step) -> Callable[..., np.ndarray]:
-    """The step's forward function, taking only the operands."""
-    opdef = step.node.opdef
-    direct = opdef.bind(step.call) if opdef.bind is not None else None
-    return direct or functools.partial(opdef.forward, step.call)
+# ---------------------------------------------------------------------------------------------
+# Scheduling
 
 
-def _check_type(node: Node, value: np.ndarray, expected: TensorType) -> None:
+def _schedule(
+    nodes: list[Node],
+    types: Mapping[str, TensorType],
+    fetch: frozenset[str],
+    constants: Mapping[str, np.ndarray],
+    kernels: Mapping[str, Kernel],
+) -> list[_Step]:
+    """The computed nodes as steps (a kernel's root as one step running its kernel, its other
+    members as none): each value is freed after its last use (unless fetched), and a large
+    result of a ufunc is written into the buffer of an operand of its type that dies at its
+    step, when that buffer is itself a ufunc's result seen only by ufuncs (so no view of it
+    lives on)."""
+    absorbed = {m.name for k in kernels.values() for m in k.members if m is not k.root}
+    nodes = [node for node in nodes if node.name not in absorbed]
+    calls = {
+        node.name: Call(node.attrs, tuple(types[s] for s in node.inputs), types[node.name])
+        for node in nodes
+    }
+    sources = {
+        node.name: kernels[node.name].sources if node.name in kernels else node.inputs
+        for node in nodes
+    }
+    fresh = {
+        node.name
+        for node in nodes
+        if node.name not in kernels
+        and calls[node.name].type.shape != ()
+        and isinstance(_direct_function(node, calls[node.name], constants), np.ufunc)
+    }
+    last_use: dict[str, int] = {}
+    seen_only_by_ufuncs = set(fresh)
+    for index, node in enumerate(nodes):
+        for source in sources[node.name]:
+            last_use[source] = index
+            if node.name not in fresh:
+                seen_only_by_ufuncs.discard(source)
+    releases: dict[int, list[str]] = {}
+    for name, index in last_use.items():
+        if name not in fetch:
+            releases.setdefault(index, []).append(name)
+    steps = []
+    for index, node in enumerate(nodes):
+        call = calls[node.name]
+        release = tuple(releases.get(index, ()))
+        kernel = kernels.get(node.name)
+        if kernel is not None:
+            cost = sum(m.opdef.estimated_cost(_call_of(m, types)) for m in kernel.members)
+        else:
+            cost = node.opdef.estimated_cost(call)
+        reuses = None
+        if node.name in fresh and call.type.size >= REUSE_MIN_ELEMENTS:
+            reuses = next(
+                (
+                    source
+                    for source in release
+                    if source in seen_only_by_ufuncs
+                    and types[source].shape == call.type.shape
+                    and types[source].dtype == call.type.dtype
+                ),
+                None,
+            )
+        steps.append(_Step(node, call, sources[node.name], release, cost, reuses, kernel))
+    return steps
+
+
+def _call_of(node: Node, types: Mapping[str, TensorType]) -> Call:
+    return Call(node.attrs, tuple(types[s] for s in node.inputs), types[node.name])
+
+
+def _direct_function(
+    node: Node, call: Call, constants: Mapping[str, np.ndarray]
+) -> Callable[..., np.ndarray] | None:
+    """The op's function of the operands alone (numpy's own, for an elementwise op), or None.
+
+    An op with a bind rule computes in its result's dtype (its forward casts the operands to
+    it), so an operand of another dtype is no obstacle when it is a constant: the plan casts
+    it once."""
+    bind = node.opdef.bind
+    if bind is None:
+        return None
+    direct = bind(call)
+    dtype = call.type.dtype
+    if direct is None and all(
+        t.dtype == dtype or s in constants
+        for s, t in zip(node.inputs, call.input_types, strict=True)
+    ):
+        cast_types = tuple(TensorType(dtype, t.shape, t.weak) for t in call.input_types)
+        direct = bind(Call(call.attrs, cast_types, call.type))
+    return direct
+
+
+def _writing_into(function: Callable[..., np.ndarray], position: int) -> Callable[..., np.ndarray]:
+    """The ufunc `function`, writing its result into its operand at `position`."""
+    assert isinstance(function, np.ufunc)
+    if function.nin == 1:
+        return lambda x: function(x, out=x)
+    if position == 0:
+        return lambda x, y: function(x, y, out=x)
+    return lambda x, y: function(x, y, out=y)
+
+
+def _as_array(function: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
+    return lambda *operands: np.asarray(function(*operands))
+
+
+def _read_only(value: np.ndarray) -> np.ndarray:
+    view = value.view()
+    view.flags.writeable = False
+    return view
+
+
+def _check_type(node: Node, value: object, expected: TensorType) -> None:
+    if not isinstance(value, np.ndarray):
+        raise RuntimeError(f"{node.describe()} computed a {type(value).__name__}, not an array")
     if value.shape != expected.shape or value.dtype != expected.dtype:
         raise RuntimeError(
             f"{node.describe()} computed {value.dtype.name}{list(value.shape)} "
