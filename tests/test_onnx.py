@@ -570,6 +570,75 @@ def test_symbolic_batch_dimension(engine):
         from_onnx(unknown)
 
 
+def _dynamic_flatten_model():
+    """x.view(x.size(0), -1) and x.reshape(x.size(0), 2, -1) as exporters write them, on a
+    batch of unknown size "N": Shape -> Gather -> Unsqueeze -> Concat -> Reshape."""
+    nodes = [
+        node("Shape", ["x"], ["s"], name="/Shape"),
+        node("Gather", ["s", "zero"], ["n"], axis=0),
+        node("Unsqueeze", ["n", "axes0"], ["n1"]),
+        node("Concat", ["n1", "minus1"], ["target"], axis=0),
+        node("Reshape", ["x", "target"], ["flat"]),
+        node("Concat", ["n1", "two", "minus1"], ["target3"], axis=0),
+        node("Reshape", ["x", "target3"], ["split"]),
+        node("ReduceSum", ["split", "axes0"], ["folded"], keepdims=0),
+        node("MatMul", ["flat", "W"], ["h"]),
+        node("Slice", ["h", "zero1", "two", "axes1"], ["y"]),
+    ]
+    inits = {
+        "zero": np.array(0, I64),
+        "zero1": np.array([0], I64),
+        "axes0": np.array([0], I64),
+        "axes1": np.array([1], I64),
+        "two": np.array([2], I64),
+        "minus1": np.array([-1], I64),
+        "W": _w(42, 12, 3),
+    }
+    return make_model(nodes, {"x": (FLOAT, ["N", 3, 4])}, ["y", "folded"], inits, opset=17)
+
+
+def test_shapes_computed_from_a_dimension_of_unknown_size(engine):
+    model = _dynamic_flatten_model()
+    imported = from_onnx(model)
+    ops = {n.name: n.op for n in imported.graph.nodes}
+    assert (ops["flat"], ops["split"]) == ("flatten", "reshape")
+    assert not {"s", "n", "n1", "target"} & set(ops)  # evaluated on import, not nodes
+    for batch in (1, 4):
+        check_forward(engine, model, {"x": real(rng_for(f"dyn{batch}"), (batch, 3, 4))})
+    check_gradients(engine, model, {"x": real(rng_for("dyn"), (2, 3, 4))}, "dyn-grad")
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            [node("Cast", ["s"], ["f"], to=FLOAT, name="tofloat"), node("Mul", ["x", "f"])],
+            r"'tofloat' \(Cast\): a Cast of dimensions of unknown size to a non-integer type",
+        ),
+        (
+            [node("Mul", ["s", "s"], ["sq"], name="square"), node("Reshape", ["x", "sq"])],
+            r"'square' \(Mul\): input 's' holds dimensions whose size is not known when the "
+            r"model is imported \(from ONNX node '/Shape' \(Shape\)\)",
+        ),
+        (
+            [node("Reshape", ["z", "s2"], name="r2")],
+            r"'r2' \(Reshape\): its shape holds 2 dimensions of unknown size",
+        ),
+    ],
+    ids=["cast-to-float", "arithmetic", "two-unknowns"],
+)
+def test_dimensions_of_unknown_size_only_shape_reshapes(extra, message):
+    nodes = [
+        node("Shape", ["x"], ["s"], name="/Shape"),
+        node("Shape", ["z"], ["sz"]),
+        node("Concat", ["s", "sz"], ["s2"], axis=0),
+        *extra,
+    ]
+    model = make_model(nodes, {"x": (FLOAT, ["N", 3]), "z": (FLOAT, ["M"])}, ["y"])
+    with pytest.raises(OnnxImportError, match=message):
+        from_onnx(model)
+
+
 def test_initializers_listed_as_inputs(engine):
     """Models of IR version 3 list their initializers among the inputs too: they are
     initializers (fed by `feeds`), not inputs the caller must give."""
@@ -814,6 +883,46 @@ def test_model_exported_from_pytorch(engine):
             result.gradients[name], parameters[name].grad.numpy(), rtol=1e-9, atol=1e-12
         )
     np.testing.assert_allclose(result.gradients["x"], x64.grad.numpy(), rtol=1e-9, atol=1e-12)
+
+
+class _ViewNet(torch.nn.Module if torch is not None else object):  # type: ignore[misc]
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.depthwise = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.pool = torch.nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False)
+        self.fc = torch.nn.Linear(8 * 2 * 2, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        h = h + torch.nn.functional.leaky_relu(self.depthwise(h), 0.1)  # a residual
+        h = self.pool(h)
+        h = h.view(h.size(0), -1)
+        return torch.softmax(torch.clamp(self.fc(h), -1.0, 1.0), dim=-1)
+
+
+@requires_torch
+def test_dynamic_batch_export_from_pytorch(engine):
+    """view(x.size(0), -1) exported with a batch of any size: Shape and its arithmetic."""
+    torch.manual_seed(1)
+    net = _ViewNet().eval()
+    buffer = io.BytesIO()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                net, (torch.randn(2, 3, 8, 8),), buffer, dynamo=False, opset_version=17,
+                input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "N"}},
+            )  # fmt: skip
+    except (ImportError, TypeError) as error:
+        pytest.skip(f"the TorchScript exporter is not available: {error}")
+    model = onnx.load_from_string(buffer.getvalue())
+    assert "Shape" in {n.op_type for n in model.graph.node}
+    for batch in (2, 5):
+        x = torch.randn(batch, 3, 8, 8)
+        imported, values = check_forward(engine, model, {"x": x.numpy()})
+        with torch.no_grad():
+            np.testing.assert_allclose(values["y"], net(x).numpy(), rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -164,6 +164,16 @@ class _TensorInfo:
 
     elem_type: int = 0
     dims: tuple[int | None, ...] | None = None  # None: rank unknown; None entries: symbolic
+    symbols: tuple[str | None, ...] = ()  # each dimension's dim_param, where it has one
+
+
+@dataclass(frozen=True)
+class _Dim:
+    """A dimension whose size is not known when the model is imported, named by its ONNX
+    dim_param ("N"): what Shape gives for it, so that a Reshape can recognize its input's own
+    dimension and keep it."""
+
+    symbol: str
 
 
 class _Context:
@@ -291,6 +301,10 @@ class _Importer:
         }
         self.init_types = {t.name: t.data_type for t in graph.initializer}
         self.consts: dict[str, np.ndarray] = {}  # known at import time, never trainable
+        # Shape arithmetic on dimensions of unknown size (object arrays of ints and _Dims),
+        # with the node whose Shape they come from.
+        self.symbolic: dict[str, np.ndarray] = {}
+        self.origin: dict[str, str] = {}
         self.nodes: dict[str, Node] = {}  # ONNX tensor name -> the node computing it
         self.fed: dict[str, np.ndarray] = {}  # initializers that became inputs
         self.info = self._infer_types()
@@ -325,12 +339,14 @@ class _Importer:
         graph = inferred.graph
         for value in [*graph.value_info, *graph.input, *graph.output]:
             tensor = value.type.tensor_type
-            dims = None
+            dims: tuple[int | None, ...] | None = None
+            symbols: tuple[str | None, ...] = ()
             if tensor.HasField("shape"):
                 dims = tuple(
                     int(d.dim_value) if d.HasField("dim_value") else None for d in tensor.shape.dim
                 )
-            info[value.name] = _TensorInfo(tensor.elem_type, dims)
+                symbols = tuple(d.dim_param or None for d in tensor.shape.dim)
+            info[value.name] = _TensorInfo(tensor.elem_type, dims, symbols)
         for name, array in self.inits.items():
             info[name] = _TensorInfo(self.init_types[name], tuple(array.shape))
         return info
@@ -348,6 +364,10 @@ class _Importer:
             return tuple(value.shape)
         info = self.info.get(name)
         return None if info is None else info.dims
+
+    def symbols_of(self, name: str) -> tuple[str | None, ...]:
+        info = self.info.get(name)
+        return () if info is None else info.symbols
 
     def fresh(self, stem: str) -> str:
         name, count = stem, 1
@@ -369,6 +389,12 @@ class _Importer:
         existing = self.nodes.get(name)
         if existing is not None:
             return existing
+        if name in self.symbolic:
+            message = (
+                f"tensor {name!r} holds dimensions whose size is not known when the model is "
+                f"imported (from {self.origin[name]}): only a Reshape's shape may use them"
+            )
+            raise OnnxImportError(message) if context is None else context.error(message)
         if name in self.consts:
             value = self.consts[name]
             self._check_dtype(value.dtype, name, context)
@@ -432,7 +458,7 @@ class _Importer:
         if proto.op_type == "Constant":
             self.consts[c.output()] = _constant_value(c)
             return
-        if self._fold(c):
+        if self._fold(c) or self._symbolic(c):
             return
         handler = _HANDLERS.get(proto.op_type)
         if handler is None:
@@ -466,6 +492,70 @@ class _Importer:
             if name:
                 self.consts[name] = np.asarray(value)
         return True
+
+    def _symbolic(self, c: _Context) -> bool:
+        """Shape arithmetic on dimensions of unknown size (Shape -> Gather -> Unsqueeze ->
+        Concat, as exporters write x.view(x.size(0), -1)), evaluated on symbols."""
+        names = [n for n in c.proto.input if n]
+        tracked = [n for n in names if n in self.symbolic]
+        if not tracked or (c.op_type == "Reshape" and names[0] not in self.symbolic):
+            return False  # a Reshape's shape is resolved by its handler
+        origin = self.origin[tracked[0]]
+        if c.op_type not in _SYMBOLIC_OPS or not all(
+            n in self.symbolic or n in self.consts for n in names
+        ):
+            raise c.error(
+                f"input {tracked[0]!r} holds dimensions whose size is not known when the model "
+                f"is imported (from {origin}); only Gather, Unsqueeze, Squeeze, Concat, Slice, "
+                "Cast and Identity may compute a Reshape's shape from them"
+            )
+        values = [self.symbolic[n] if n in self.symbolic else self.consts[n] for n in names]
+        try:
+            result = _evaluate_symbolic(c, values)
+        except OnnxImportError:
+            raise
+        except Exception as error:
+            raise c.error(f"cannot evaluate it on dimensions ({error})") from None
+        out = c.output()
+        if any(isinstance(d, _Dim) for d in result.flat):
+            self.symbolic[out] = result
+            self.origin[out] = origin
+        else:
+            self.consts[out] = result.astype(np.int64)
+        return True
+
+
+_SYMBOLIC_OPS = frozenset({"Gather", "Unsqueeze", "Squeeze", "Concat", "Slice", "Cast", "Identity"})
+
+
+def _evaluate_symbolic(c: _Context, values: list[np.ndarray]) -> np.ndarray:
+    """One op of shape arithmetic on object arrays of ints and _Dims."""
+    x = np.asarray(values[0], dtype=object)
+    op = c.op_type
+    if op == "Identity":
+        return x
+    if op == "Cast":
+        if _DTYPES.get(int(c.attr("to", 0))) not in ("int32", "int64"):
+            raise c.error("a Cast of dimensions of unknown size to a non-integer type")
+        return x
+    if op == "Gather":
+        indices = np.asarray(values[1]).astype(np.int64)
+        return np.asarray(np.take(x, indices, axis=int(c.attr("axis", 0))), dtype=object)
+    if op == "Concat":
+        parts = [np.asarray(v, dtype=object) for v in values]
+        return np.concatenate(parts, axis=int(c.attr("axis", 0)))
+    if op == "Slice":
+        chosen = [slice(None)] * x.ndim
+        starts, ends = values[1], values[2]
+        sliced = values[3] if len(values) > 3 else range(len(starts))
+        steps = values[4] if len(values) > 4 else [1] * len(starts)
+        for axis, start, end, step in zip(sliced, starts, ends, steps, strict=True):
+            chosen[int(axis)] = slice(int(start), int(end), int(step))
+        return x[tuple(chosen)]
+    axes = c.ints("axes") or ([int(v) for v in values[1]] if len(values) > 1 else None)
+    if op == "Unsqueeze":
+        return np.expand_dims(x, tuple(axes or ()))
+    return np.squeeze(x, axis=None if not axes else tuple(axes))  # Squeeze
 
 
 def _dtype_name(dtype: Any) -> str:
@@ -545,7 +635,7 @@ def _softmax(op: str) -> Handler:
     def handle(im: _Importer, c: _Context) -> Node:
         c.check_attrs(("axis",))
         x = c.input(0)
-        if im.opset >= 13:
+        if im.opset >= 13 or c.attr("axis") == -1:  # (-1: the last axis alone at any opset)
             return im.graph.op(op, x, name=c.output(), axis=int(c.attr("axis", -1)))
         # Opsets 11 and 12 normalize over all the axes from `axis` on (the input seen as 2-D).
         rank = c.rank(0)
@@ -773,8 +863,10 @@ def _flatten(im: _Importer, c: _Context) -> Node:
 def _reshape(im: _Importer, c: _Context) -> Node:
     c.check_attrs(("allowzero",))
     g, x = im.graph, c.input(0)
-    shape = c.static_ints(1, "the shape")
-    assert shape is not None
+    if c.has_input(1) and c.input_name(1) in im.symbolic:
+        shape = _symbolic_shape(im, c)
+    else:
+        shape = c.static_ints(1, "the shape") or []
     if c.attr("allowzero", 0) or 0 not in shape:
         return g.reshape(x, shape, name=c.output())
     dims = c.dims(0)
@@ -790,6 +882,13 @@ def _reshape(im: _Importer, c: _Context) -> Node:
     if 0 not in rest:
         if rest == [-1] and lead > 0:
             return g.flatten(x, lead, -1, name=c.output())
+        inner = dims[1:] if dims is not None else [None]
+        if lead == 1 and -1 in rest and all(d is not None for d in inner):
+            # The -1 of (copied, ..., -1, ...): what the static dimensions after the first hold.
+            known = math.prod(d for d in rest if d != -1)
+            size = math.prod(d for d in inner if d is not None)
+            if known and size % known == 0:
+                rest = [size // known if d == -1 else d for d in rest]
         if lead == 1 and -1 not in rest:
             return g.reshape(x, [-1, *rest], name=c.output())
     position = next(i for i, d in enumerate(resolved) if d == 0)
@@ -797,6 +896,29 @@ def _reshape(im: _Importer, c: _Context) -> Node:
         f"shape {shape}: the 0 at position {position} copies a dimension of the input whose "
         "size is not known when the model is imported"
     )
+
+
+def _symbolic_shape(im: _Importer, c: _Context) -> list[int]:
+    """A Reshape's shape computed from dimensions of unknown size: a dimension of the input
+    kept in place becomes a 0 (copy it), one other unknown a -1."""
+    if c.attr("allowzero", 0):
+        raise c.error("allowzero=1 with a shape computed from dimensions of unknown size")
+    symbols = im.symbols_of(c.input_name(0))
+    shape: list[int | None] = []
+    for i, d in enumerate(im.symbolic[c.input_name(1)].reshape(-1)):
+        if not isinstance(d, _Dim):
+            shape.append(int(d))
+        elif i < len(symbols) and symbols[i] == d.symbol:
+            shape.append(0)  # the input's own dimension, in place
+        else:
+            shape.append(None)
+    unknown = [i for i, d in enumerate(shape) if d is None]
+    if len(unknown) > 1 or (unknown and -1 in shape):
+        raise c.error(
+            f"its shape holds {len(unknown)} dimensions of unknown size that are not the "
+            f"input's own in place (from {im.origin[c.input_name(1)]})"
+        )
+    return [-1 if d is None else d for d in shape]
 
 
 def _transpose(im: _Importer, c: _Context) -> Node:
@@ -919,11 +1041,22 @@ def _identity_op(im: _Importer, c: _Context) -> Node:
 def _shape(im: _Importer, c: _Context) -> None:
     c.check_attrs(("start", "end"))
     dims = c.dims(0)
-    if dims is None or any(d is None for d in dims):
-        raise c.error("Shape is supported only for an input whose shape is static")
+    if dims is None:
+        raise c.error("Shape needs the rank of its input to be known")
+    symbols = im.symbols_of(c.input_name(0))
     start, end = c.attr("start", 0), c.attr("end", None)
-    shape = np.asarray(dims[start:end], np.int64)
-    im.consts[c.output()] = shape  # a constant, made a node only if used as data
+    entries: list[int | _Dim] = []
+    for i, d in enumerate(dims):
+        symbol = symbols[i] if i < len(symbols) else None
+        # An unnamed dimension gets a name no other has: only a Reshape of this very input
+        # could keep it (and it has no symbol to match), so it ends as a -1.
+        entries.append(d if d is not None else _Dim(symbol or f"?{c.input_name(0)}:{i}"))
+    entries = entries[start:end]
+    if all(isinstance(d, int) for d in entries):
+        im.consts[c.output()] = np.asarray(entries, np.int64)  # a node only if used as data
+    else:
+        im.symbolic[c.output()] = np.asarray(entries, dtype=object)
+        im.origin[c.output()] = c.where()
 
 
 def _batch_normalization(im: _Importer, c: _Context) -> Node:
