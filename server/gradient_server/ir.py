@@ -6,7 +6,6 @@ import difflib
 import heapq
 import itertools
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
@@ -39,14 +38,21 @@ LIST_ITEM_BYTES = 40
 """Memory an item of an attribute list takes: a pointer and a Python number."""
 
 
-@dataclass(frozen=True)
 class Node:
-    """One node: its name, op, operand names and decoded attributes (every declared one)."""
+    """One node: its name, op, operand names and decoded attributes (every declared one).
 
-    name: str
-    op: str
-    inputs: tuple[str, ...]
-    attrs: Mapping[str, Any]
+    Nodes are never changed once built (a graph shares them with the graphs derived from it).
+    A plain class with slots rather than a frozen dataclass: big graphs build millions of
+    them, and this one is three times cheaper to build.
+    """
+
+    __slots__ = ("name", "op", "inputs", "attrs")
+
+    def __init__(self, name: str, op: str, inputs: tuple[str, ...], attrs: Mapping[str, Any]):
+        self.name = name
+        self.op = op
+        self.inputs = inputs
+        self.attrs = attrs
 
     @property
     def opdef(self) -> OpDef:
@@ -55,6 +61,22 @@ class Node:
     def describe(self) -> str:
         """How error messages name the node."""
         return f"node {self.name!r} (op {self.op})"
+
+    def _fields(self) -> tuple[str, str, tuple[str, ...], Mapping[str, Any]]:
+        return (self.name, self.op, self.inputs, self.attrs)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Node):
+            return NotImplemented
+        return self._fields() == other._fields()
+
+    __hash__ = None  # type: ignore[assignment]  # equal by value, and its attrs are a mapping
+
+    def __repr__(self) -> str:
+        return (
+            f"Node(name={self.name!r}, op={self.op!r}, inputs={self.inputs!r}, "
+            f"attrs={self.attrs!r})"
+        )
 
 
 class Graph:
@@ -67,32 +89,42 @@ class Graph:
     def __init__(self, nodes: Iterable[Node]):
         self.nodes: dict[str, Node] = {node.name: node for node in nodes}
         self.digest = ""
-        self.constant_bytes = sum(
-            value.nbytes
-            for node in self.nodes.values()
-            for value in node.attrs.values()
-            if isinstance(value, np.ndarray)
-        )
-        # What a node holds beyond NODE_BYTES: long names and attribute lists.
-        self.extra_bytes = sum(
-            len(node.name)
-            + len(node.op)
-            + sum(len(source) for source in node.inputs)
-            + sum(
-                LIST_ITEM_BYTES * len(value) if isinstance(value, tuple) else 0
-                for value in node.attrs.values()
-            )
-            for node in self.nodes.values()
-        )
+        self._sizes: tuple[int, int] | None = None
 
     def __len__(self) -> int:
         return len(self.nodes)
 
     @property
+    def constant_bytes(self) -> int:
+        """The bytes of the constants' arrays."""
+        return self._measure()[0]
+
+    @property
+    def extra_bytes(self) -> int:
+        """What the nodes hold beyond NODE_BYTES each: long names and attribute lists."""
+        return self._measure()[1]
+
+    @property
     def held_bytes(self) -> int:
         """About how much memory the graph holds: its constants, its nodes, their names and
         attribute lists."""
-        return self.constant_bytes + self.extra_bytes + NODE_BYTES * len(self.nodes)
+        constant_bytes, extra_bytes = self._measure()
+        return constant_bytes + extra_bytes + NODE_BYTES * len(self.nodes)
+
+    def _measure(self) -> tuple[int, int]:
+        # Measured once, when first asked (the nodes never change).
+        if self._sizes is None:
+            constant_bytes = extra_bytes = 0
+            for node in self.nodes.values():
+                extra_bytes += len(node.name) + len(node.op) + sum(map(len, node.inputs))
+                if node.attrs:
+                    for value in node.attrs.values():
+                        if isinstance(value, np.ndarray):
+                            constant_bytes += value.nbytes
+                        elif isinstance(value, tuple):
+                            extra_bytes += LIST_ITEM_BYTES * len(value)
+            self._sizes = (constant_bytes, extra_bytes)
+        return self._sizes
 
     def __getitem__(self, name: str) -> Node:
         return self.nodes[name]
@@ -102,10 +134,11 @@ class Graph:
 
     def ancestors(self, roots: Iterable[str]) -> set[str]:
         """The roots and every node they depend on."""
+        nodes = self.nodes
         seen = set(roots)
         stack = list(seen)
         while stack:
-            for source in self.nodes[stack.pop()].inputs:
+            for source in nodes[stack.pop()].inputs:
                 if source not in seen:
                     seen.add(source)
                     stack.append(source)
@@ -180,12 +213,49 @@ def _decode_attr(node_name: str, op: str, spec: AttrSpec, value: graph_pb2.AttrV
     raise GraphError(f"{where} must be {expected}, got {field or 'nothing'}")
 
 
+NO_ATTRS: Mapping[str, Any] = MappingProxyType({})
+"""The attributes of a node whose op declares none, shared by every such node."""
+
+_DEFAULT_ATTRS: dict[str, tuple[tuple[AttrSpec, ...], Mapping[str, Any] | None]] = {}
+"""By op name: the op's attribute declarations and default_attrs' answer for them."""
+
+
+def default_attrs(opdef: OpDef) -> Mapping[str, Any] | None:
+    """The attributes of a node of this op given none: each declared one at its default, in
+    decoded form; None when the op has a required attribute.
+
+    Computed once per op and shared by every such node (the values are immutable).
+    """
+    cached = _DEFAULT_ATTRS.get(opdef.name)
+    # An op replaced in OPS under the same name (tests do) is recomputed if its attributes differ.
+    if cached is not None and cached[0] is opdef.attrs:
+        return cached[1]
+    defaults: Mapping[str, Any] | None
+    if not opdef.attrs:
+        defaults = NO_ATTRS
+    elif any(spec.default is REQUIRED for spec in opdef.attrs):
+        defaults = None
+    else:
+        defaults = MappingProxyType(
+            {
+                spec.name: None if spec.default is None else canonical_attr(spec.kind, spec.default)
+                for spec in opdef.attrs
+            }
+        )
+    _DEFAULT_ATTRS[opdef.name] = (opdef.attrs, defaults)
+    return defaults
+
+
 def make_node(name: str, op: str, inputs: Iterable[str], attrs: Mapping[str, Any]) -> Node:
     """A node built in the server (by a gradient rule), its attributes given as Python values.
 
     Values are brought to the same forms as decoded attributes; omitted ones take defaults.
     """
     opdef = OPS[op]
+    if not attrs:
+        defaults = default_attrs(opdef)
+        if defaults is not None:
+            return Node(name, op, tuple(inputs), defaults)
     full: dict[str, Any] = {}
     for spec in opdef.attrs:
         value = attrs.get(spec.name, spec.default)
@@ -209,14 +279,15 @@ def canonical_attr(kind: str, value: Any) -> Any:
 
 
 def _decode_node(message: graph_pb2.Node) -> Node:
-    name, op = message.name, message.op
+    # Slicing the repeated field is faster than iterating it.
+    name, op, inputs = message.name, message.op, tuple(message.inputs[:])
     if not name:
         raise GraphError(f"a node (op {op or '?'}) has an empty name")
     opdef = OPS.get(op)
     if opdef is None:
         hint = did_you_mean(op, OPS) or " (ListOps lists the known ops)"
         raise GraphError(f"node {name!r}: unknown op {op!r}{hint}")
-    count = len(message.inputs)
+    count = len(inputs)
     arity = len(opdef.inputs)
     if (count < arity) if opdef.variadic else (count != arity):
         wanted = f"at least {arity}" if opdef.variadic else str(arity)
@@ -224,8 +295,19 @@ def _decode_node(message: graph_pb2.Node) -> Node:
             f"node {name!r} (op {op}): takes {wanted} inputs "
             f"({', '.join(opdef.inputs) or 'none'}), got {count}"
         )
+    attr_messages = message.attrs
+    if not attr_messages:
+        defaults = default_attrs(opdef)
+        if defaults is not None:
+            return Node(name, op, inputs, defaults)
+    return Node(name, op, inputs, _decode_attrs(name, op, opdef, attr_messages))
+
+
+def _decode_attrs(
+    name: str, op: str, opdef: OpDef, messages: Mapping[str, graph_pb2.AttrValue]
+) -> Mapping[str, Any]:
     attrs: dict[str, Any] = {}
-    for key in message.attrs:
+    for key in messages:
         if opdef.attr_spec(key) is None:
             known = ", ".join(a.name for a in opdef.attrs) or "none"
             hint = did_you_mean(key, (a.name for a in opdef.attrs))
@@ -233,15 +315,15 @@ def _decode_node(message: graph_pb2.Node) -> Node:
                 f"node {name!r} (op {op}): unknown attribute {key!r}{hint} (known: {known})"
             )
     for spec in opdef.attrs:
-        if spec.name in message.attrs:
-            attrs[spec.name] = _decode_attr(name, op, spec, message.attrs[spec.name])
+        if spec.name in messages:
+            attrs[spec.name] = _decode_attr(name, op, spec, messages[spec.name])
         elif spec.default is REQUIRED:
             raise GraphError(f"node {name!r} (op {op}): missing attribute {spec.name!r}")
         else:
             attrs[spec.name] = (
                 None if spec.default is None else canonical_attr(spec.kind, spec.default)
             )
-    return Node(name, op, tuple(message.inputs), MappingProxyType(attrs))
+    return MappingProxyType(attrs)
 
 
 CHECK_EVERY = 4096
@@ -257,7 +339,8 @@ def decode_graph(
 
     `digest` is the message's content digest when the caller has it (from the bytes received).
     """
-    nodes: dict[str, Node] = {}
+    nodes: list[Node] = []
+    positions: dict[str, int] = {}
     for index, node_message in enumerate(message.nodes):
         if index % CHECK_EVERY == 0:
             check_deadline()
@@ -266,37 +349,59 @@ def decode_graph(
         except GraphError as e:
             e.node, e.op = e.node or node_message.name or None, e.op or node_message.op or None
             raise
-        if node.name in nodes:
+        if positions.setdefault(node.name, index) != index:
             raise GraphError(f"node {node.name!r}: duplicate node name", node=node.name, op=node.op)
-        nodes[node.name] = node
-    for node in nodes.values():
-        for source in node.inputs:
-            if source not in nodes:
-                raise node_error(node, f"input {source!r} is not a node of the graph")
-    graph = Graph(topological_order(nodes))
+        nodes.append(node)
+    graph = Graph(_canonical_order(nodes, positions))
     graph.digest = digest or graph_digest(message)
     return graph
 
 
 def topological_order(nodes: Mapping[str, Node]) -> list[Node]:
-    """Kahn's algorithm, iterative, taking ready nodes by name so the order is canonical."""
-    pending = {name: len(set(node.inputs)) for name, node in nodes.items()}
-    users: dict[str, list[str]] = {name: [] for name in nodes}
-    for node in nodes.values():
-        for source in set(node.inputs):
-            users[source].append(node.name)
-    ready = [name for name, count in pending.items() if count == 0]
+    """Kahn's algorithm, iterative, taking ready nodes by name so the order is canonical.
+
+    GraphError when an input is not one of `nodes` (the first such, in the nodes' order) or
+    when the nodes have a cycle.
+    """
+    return _canonical_order(list(nodes.values()), {name: i for i, name in enumerate(nodes)})
+
+
+def _canonical_order(nodes: list[Node], positions: Mapping[str, int]) -> list[Node]:
+    # topological_order on the nodes' positions in `nodes` (`positions` maps names to them):
+    # lists indexed by position are much cheaper than dicts keyed by name on big graphs.
+    users: list[list[int] | None] = [None] * len(nodes)  # who takes each node, each once
+    pending = [0] * len(nodes)  # how many of each node's inputs are not yet in the order
+    ready: list[tuple[str, int]] = []  # (name, position), a heap
+    for position, node in enumerate(nodes):
+        count = 0
+        for source in node.inputs:
+            source_position = positions.get(source)
+            if source_position is None:
+                raise node_error(node, f"input {source!r} is not a node of the graph")
+            source_users = users[source_position]
+            if source_users is None:
+                users[source_position] = [position]
+                count += 1
+            elif source_users[-1] != position:  # an input taken twice counts once
+                source_users.append(position)
+                count += 1
+        if count:
+            pending[position] = count
+        else:
+            ready.append((node.name, position))
     heapq.heapify(ready)
     order: list[Node] = []
     while ready:
-        name = heapq.heappop(ready)
-        order.append(nodes[name])
-        for user in users[name]:
-            pending[user] -= 1
-            if pending[user] == 0:
-                heapq.heappush(ready, user)
+        _, position = heapq.heappop(ready)
+        order.append(nodes[position])
+        for user in users[position] or ():
+            count = pending[user] - 1
+            pending[user] = count
+            if count == 0:
+                heapq.heappush(ready, (nodes[user].name, user))
     if len(order) < len(nodes):
-        raise GraphError(_describe_cycle(nodes, {n for n, c in pending.items() if c > 0}))
+        stuck = {node.name for node, count in zip(nodes, pending, strict=True) if count > 0}
+        raise GraphError(_describe_cycle({node.name: node for node in nodes}, stuck))
     return order
 
 
@@ -366,6 +471,37 @@ def infer_node_type(node: Node, input_types: tuple[TensorType, ...]) -> TensorTy
     return result
 
 
+class TypeMemo:
+    """Types nodes by their ops' rules, running a rule once per distinct operation.
+
+    A big graph repeats a few operations many times (a chain of the same ops on the same
+    types), and a rule's result depends only on the op, the attributes and the operand types.
+    Results are remembered by the op, the identity of the node's attribute mapping (shared by
+    every node of an op with all attributes at their defaults) and the identities of the
+    operand types, and are interned, so that equal results are one object and later lookups
+    hit. The memo holds every object whose identity is in a key, so none is reused while it
+    lives. Only successes are remembered: a failing node raises its own error.
+    """
+
+    def __init__(self) -> None:
+        self._interned: dict[TensorType, TensorType] = {}
+        self._results: dict[tuple[Any, ...], tuple[TensorType, object, object]] = {}
+
+    def intern(self, tensor_type: TensorType) -> TensorType:
+        """The one object of the types equal to `tensor_type` that the memo has seen."""
+        return self._interned.setdefault(tensor_type, tensor_type)
+
+    def infer(self, node: Node, input_types: tuple[TensorType, ...]) -> TensorType:
+        """infer_node_type(node, input_types), remembered."""
+        key = (node.op, id(node.attrs), *map(id, input_types))
+        known = self._results.get(key)
+        if known is not None:
+            return known[0]
+        result = self.intern(infer_node_type(node, input_types))
+        self._results[key] = (result, node.attrs, input_types)
+        return result
+
+
 def infer_types(
     graph: Graph,
     feed_types: Mapping[str, TensorType],
@@ -373,16 +509,18 @@ def infer_types(
     check_deadline: Callable[[], None] = no_deadline,
 ) -> dict[str, TensorType]:
     """The type of every needed node, in topological order; inputs are typed by their feeds."""
+    memo = TypeMemo()
     types: dict[str, TensorType] = {}
+    type_of = types.__getitem__
     for index, (name, node) in enumerate(graph.nodes.items()):
         if index % CHECK_EVERY == 0:
             check_deadline()
         if name not in needed:
             continue
         if node.op == "input":
-            types[name] = _input_type(node, feed_types)
+            types[name] = memo.intern(_input_type(node, feed_types))
         else:
-            types[name] = infer_node_type(node, tuple(types[s] for s in node.inputs))
+            types[name] = memo.infer(node, tuple(map(type_of, node.inputs)))
     return types
 
 
