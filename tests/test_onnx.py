@@ -773,6 +773,44 @@ def test_mlp_gradients(engine):
             )
 
 
+def test_training_the_imported_weights(client):
+    """SGD on the imported initializers (updated in place) lowers the model's loss; the same
+    steps in numpy give the same weights."""
+    model = _loss_model()
+    imported = from_onnx(model)
+    params = imported.initializers
+    assert all(array.flags.writeable for array in params.values())
+    x = real(rng_for("train"), (6, 4))
+    reference = {name: array.astype(np.float64) for name, array in params.items()}
+    losses = []
+    with client.session(imported.graph, "loss", wrt=list(params), fetch=["loss"]) as session:
+        for _ in range(20):
+            r = session.gradient(imported.feeds({"x": x}))
+            losses.append(float(r.values["loss"]))
+            for name in params:
+                params[name] -= np.float32(0.5) * r.gradients[name]
+            _numpy_sgd_step(reference, x, 0.5)
+    # Down from 2.04 towards the loss's minimum, log 3 (every class equally likely).
+    assert np.log(3) - 1e-6 <= losses[-1] < losses[0] - 0.9
+    for name in params:
+        np.testing.assert_allclose(params[name], reference[name], rtol=1e-4, atol=1e-5)
+
+
+def _numpy_sgd_step(p, x, rate):
+    """One SGD step of the loss model, -mean(log_softmax(relu(x W1ᵀ + b1) W2 + b2)), by hand."""
+    h = x @ p["W1"].T + p["b1"]
+    a = np.maximum(h, 0)
+    z = a @ p["W2"] + p["b2"]
+    softmax = np.exp(z - z.max(axis=1, keepdims=True))
+    softmax /= softmax.sum(axis=1, keepdims=True)
+    n, k = z.shape
+    dz = (softmax * k - 1) / (n * k)  # d/dz of -mean over all n*k log-probabilities
+    dh = (dz @ p["W2"].T) * (h > 0)
+    grads = {"W2": a.T @ dz, "b2": dz.sum(0), "W1": dh.T @ x, "b1": dh.sum(0)}
+    for name, gradient in grads.items():
+        p[name] -= rate * gradient
+
+
 def test_cnn_over_grpc(client):
     model = cnn_model()
     x = real(rng_for("cnn"), (3, 2, 10, 10))

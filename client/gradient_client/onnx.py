@@ -87,7 +87,8 @@ class OnnxGraph:
     initializers: dict[str, np.ndarray] = field(repr=False)
     """The initializers that became inputs of the graph (float ones, with
     ``initializers="inputs"``; empty with ``"constants"``), by name: feed them on every call
-    (``feeds`` does), and their gradients come back."""
+    (``feeds`` does), and their gradients come back. The arrays are writable copies, for a
+    training loop to update."""
     opset: int
     """The model's version of the default ONNX domain."""
 
@@ -402,7 +403,8 @@ class _Importer:
         elif name in self.inits:  # a float initializer fed as an input
             value = self.inits[name]
             made = self.graph.input(name, _dtype_name(value.dtype), value.shape)
-            self.fed[name] = value
+            self.fed[name] = np.array(value)  # the caller's to update (a view of the model's
+            # bytes otherwise, read-only)
         else:
             message = f"tensor {name!r} is used before any node computes it"
             if context is None:
