@@ -16,14 +16,14 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from . import fusion
 from .fusion import Kernel
 from .ir import Graph, Node, node_error
-from .ops import Call, InvalidValue
+from .ops import OPS, Call, InvalidValue
 from .tensor_type import TensorType
 
 CHECK_RESULT_TYPES = os.environ.get("GRADIENT_CHECK_RESULT_TYPES") == "1"
@@ -43,10 +43,11 @@ REUSE_MIN_ELEMENTS = 1 << 12
 it, numpy's allocator recycles small blocks as fast."""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _Step:
-    """A node as the plan runs it: its call (attributes and types), the values no later step
-    needs (freed after it), and whether its result is written into one of those."""
+    """A node as the plan runs it: its call (attributes and types), its operands, the values
+    no later step needs (freed after it), and whether its result is written into one of those
+    or computed by a fused kernel."""
 
     node: Node
     call: Call
@@ -55,6 +56,7 @@ class _Step:
     cost: int  # estimated flops (ops/base.py), of every op of its kernel
     reuses: str | None = None  # the dying operand whose buffer takes the result
     kernel: Kernel | None = None  # the fused ops it runs as one, if any
+    direct: Callable[..., np.ndarray] | None = None  # see _direct_function
 
     @property
     def op(self) -> str:
@@ -62,16 +64,9 @@ class _Step:
         return "fused_elementwise" if self.kernel is not None else self.node.op
 
 
-@dataclass(frozen=True)
-class _Instruction:
-    """One step of the program: `name = function(*sources)`, then free `release`."""
-
-    function: Callable[..., np.ndarray]
-    sources: tuple[str, ...]
-    name: str
-    release: tuple[str, ...]
-    check_deadline: bool
-    step: _Step = field(compare=False)
+_Instruction = tuple[Callable[..., np.ndarray], tuple[str, ...], str, tuple[str, ...], bool, _Step]
+"""One step of the program: (function, sources, name, release, check_deadline, step):
+`name = function(*sources)`, then free `release`."""
 
 
 class Plan:
@@ -90,32 +85,49 @@ class Plan:
         self._fetch = tuple((name, aliases.get(name, name)) for name in sorted(fetch))
         self.fetch = frozenset(node for _, node in self._fetch)
         needed = graph.ancestors(self.fetch)
-        nodes = [node for node in graph.nodes.values() if node.name in needed]
-        self._inputs = tuple(node.name for node in nodes if node.op == "input")
-        # Constants are values, held by the plan (and read-only: no step writes into them).
-        self._constants: dict[str, np.ndarray] = {
-            node.name: _read_only(np.asarray(node.attrs["value"]))
-            for node in nodes
-            if node.op == "constant"
-        }
+        inputs: list[str] = []
+        self._constants: dict[str, np.ndarray] = {}  # values, read-only: no step writes them
+        computed: list[Node] = []
+        sizes: dict[str, int] = {}
+        size_of: dict[int, int] = {}  # by the identity of a type (a big graph repeats a few)
+        for node in graph.nodes.values():
+            name = node.name
+            if name not in needed:
+                continue
+            node_type = types[name]
+            size = size_of.get(id(node_type))
+            if size is None:
+                size = size_of[id(node_type)] = node_type.size
+            sizes[name] = size
+            if node.op == "input":
+                inputs.append(name)
+            elif node.op == "constant":
+                self._constants[name] = _read_only(np.asarray(node.attrs["value"]))
+            else:
+                computed.append(node)
+        self._inputs = tuple(inputs)
         # The largest value the plan holds (the engine checks it against its element limit).
-        self.largest_value: Node | None = max(
-            nodes, key=lambda node: types[node.name].size, default=None
+        largest_name = max(sizes, key=sizes.__getitem__, default=None)
+        self.largest_value: Node | None = graph[largest_name] if largest_name else None
+        kernels = (
+            fusion.find_kernels(computed, types, self.fetch, self._constants)
+            if any(size >= fusion.FUSE_MIN_ELEMENTS for size in sizes.values())
+            else {}
         )
-        computed = [node for node in nodes if node.op not in ("input", "constant")]
-        kernels = fusion.find_kernels(computed, types, self.fetch, self._constants)
-        self.steps = _schedule(computed, types, self.fetch, self._constants, kernels)
+        self.steps = _schedule(computed, types, sizes, self.fetch, self._constants, kernels)
         self._program = tuple(self._instructions())
         self.held_bytes = STEP_BYTES * len(self.steps) + sum(
             value.nbytes for name, value in self._constants.items() if name not in graph.nodes
         )
-        self._estimate_memory(types)
+        self._estimate_memory(types, sizes)
         # The work of every op, estimated from its call (the cost section of ops/base.py):
         # in all, and of the costliest op (its node is None when there are no steps).
-        costs = [(step.cost, step.node) for step in self.steps]
-        self.estimated_flops: int = sum(cost for cost, _ in costs)
-        largest: tuple[int, Node | None] = max(costs, key=lambda c: c[0], default=(0, None))
-        self.largest_op_flops, self.largest_op = largest
+        costs = [step.cost for step in self.steps]
+        self.estimated_flops: int = sum(costs)
+        self.largest_op_flops = max(costs, default=0)
+        self.largest_op: Node | None = (
+            self.steps[costs.index(self.largest_op_flops)].node if costs else None
+        )
 
     # -- building ---------------------------------------------------------------------------
 
@@ -126,25 +138,26 @@ class Plan:
             function, sources = self._bind(step)
             check = since_check >= CHECK_EVERY_FLOPS
             since_check = step.cost if check else since_check + step.cost
-            program.append(
-                _Instruction(function, sources, step.node.name, step.release, check, step)
-            )
+            program.append((function, sources, step.node.name, step.release, check, step))
         return program
 
     def _bind(self, step: _Step) -> tuple[Callable[..., np.ndarray], tuple[str, ...]]:
         """The step's function taking only its operands, and the names of those operands."""
         node, call = step.node, step.call
+        dtype = call.type.dtype
         if step.kernel is not None:
-            dtype = call.type.dtype
             return step.kernel.function, tuple(self._constant_as(s, dtype) for s in step.sources)
-        sources = node.inputs
-        direct = _direct_function(node, call, self._constants)
-        if direct is not None and any(t.dtype != call.type.dtype for t in call.input_types):
-            sources = tuple(self._constant_as(s, call.type.dtype) for s in sources)
+        sources = step.sources
+        direct = step.direct
+        if direct is not None:
+            for operand in call.input_types:
+                if operand.dtype != dtype:
+                    sources = tuple(self._constant_as(s, dtype) for s in sources)
+                    break
         function = direct or functools.partial(node.opdef.forward, call)
         if step.reuses is not None:
             function = _writing_into(function, sources.index(step.reuses))
-        elif call.type.shape == ():
+        elif not call.type.shape:
             function = _as_array(function)  # numpy returns scalars for 0-d results
         return function, sources
 
@@ -159,31 +172,32 @@ class Plan:
             self._constants[cast_name] = _read_only(value.astype(dtype))
         return cast_name
 
-    def _estimate_memory(self, types: Mapping[str, TensorType]) -> None:
+    def _estimate_memory(self, types: Mapping[str, TensorType], sizes: Mapping[str, int]) -> None:
         """The memory at the plan's peak: the values alive at each step under the release
         schedule (the request's inputs all along), plus the step's result (unless it goes into
         a dying operand's buffer) and scratch space. Constants belong to the cached graph."""
-
-        def nbytes(name: str) -> int:
-            return types[name].size * types[name].dtype.itemsize
-
+        nbytes = {name: size * types[name].dtype.itemsize for name, size in sizes.items()}
+        no_workspace = {name for name, op in OPS.items() if op.workspace is None}
         inputs = set(self._inputs)
-        live = sum(nbytes(name) for name in inputs)
+        live = sum(nbytes[name] for name in inputs)
         self.estimated_bytes, self.peak_node = live, None
         owned = inputs | set(self._constants)
+        peak = live
         for step in self.steps:
-            opdef = step.node.opdef
-            scratch = opdef.workspace(step.call) if opdef.workspace else 0
-            result = 0 if step.reuses is not None else nbytes(step.node.name)
-            if live + result + scratch > self.estimated_bytes:
-                self.estimated_bytes = live + result + scratch
-                self.peak_node = step.node
+            node = step.node
+            workspace = None if node.op in no_workspace else node.opdef.workspace
+            scratch = workspace(step.call) if workspace is not None else 0
+            result = 0 if step.reuses is not None else nbytes[node.name]
+            if live + result + scratch > peak:
+                peak = live + result + scratch
+                self.peak_node = node
             live += result
-            live -= sum(
-                nbytes(name) for name in step.release if name not in owned and name != step.reuses
-            )
+            for name in step.release:
+                if name not in owned and name != step.reuses:
+                    live -= nbytes[name]
+        self.estimated_bytes = peak
         # The fetched values are copied once more, into the response.
-        self.fetched_bytes = sum(nbytes(node) for _, node in self._fetch)
+        self.fetched_bytes = sum(nbytes[node] for _, node in self._fetch)
 
     # -- running ----------------------------------------------------------------------------
 
@@ -208,35 +222,33 @@ class Plan:
         return {name: values[node] for name, node in self._fetch}
 
     def _run(self, values: dict[str, np.ndarray], check_deadline: Callable[[], None]) -> None:
-        instruction = None
+        step = None
         try:
-            for instruction in self._program:
-                if instruction.check_deadline:
+            # `step` is read only when an op fails, to name its node.
+            for function, sources, name, release, check, step in self._program:  # noqa: B007
+                if check:
                     check_deadline()
-                values[instruction.name] = instruction.function(
-                    *[values[s] for s in instruction.sources]
-                )
-                for used in instruction.release:
+                values[name] = function(*[values[s] for s in sources])
+                for used in release:
                     del values[used]
         except InvalidValue as e:
-            assert instruction is not None
-            raise node_error(instruction.step.node, str(e)) from None
+            assert step is not None
+            raise node_error(step.node, str(e)) from None
 
     def _run_checked(
         self, values: dict[str, np.ndarray], check_deadline: Callable[[], None]
     ) -> None:
         """_run, checking every result against the type its rule promised (debug mode)."""
-        for instruction in self._program:
-            if instruction.check_deadline:
+        for function, sources, name, release, check, step in self._program:
+            if check:
                 check_deadline()
-            step = instruction.step
             try:
-                value = instruction.function(*[values[s] for s in instruction.sources])
+                value = function(*[values[s] for s in sources])
             except InvalidValue as e:
                 raise node_error(step.node, str(e)) from None
             _check_type(step.node, value, step.call.type)
-            values[instruction.name] = value
-            for used in instruction.release:
+            values[name] = value
+            for used in release:
                 del values[used]
 
     def _run_timed(
@@ -248,20 +260,19 @@ class Plan:
         """_run, timing every op (for the metrics)."""
         timed: list[tuple[str, float]] = []
         try:
-            for instruction in self._program:
-                if instruction.check_deadline:
+            for function, sources, name, release, check, step in self._program:
+                if check:
                     check_deadline()
-                step = instruction.step
                 began = time.perf_counter()
                 try:
-                    value = instruction.function(*[values[s] for s in instruction.sources])
+                    value = function(*[values[s] for s in sources])
                 except InvalidValue as e:
                     raise node_error(step.node, str(e)) from None
                 timed.append((step.op, time.perf_counter() - began))
                 if CHECK_RESULT_TYPES:
                     _check_type(step.node, value, step.call.type)
-                values[instruction.name] = value
-                for used in instruction.release:
+                values[name] = value
+                for used in release:
                     del values[used]
         finally:
             if timed:
@@ -296,6 +307,7 @@ class OpTimes:
 def _schedule(
     nodes: list[Node],
     types: Mapping[str, TensorType],
+    sizes: Mapping[str, int],
     fetch: frozenset[str],
     constants: Mapping[str, np.ndarray],
     kernels: Mapping[str, Kernel],
@@ -305,56 +317,64 @@ def _schedule(
     result of a ufunc is written into the buffer of an operand of its type that dies at its
     step, when that buffer is itself a ufunc's result seen only by ufuncs (so no view of it
     lives on)."""
-    absorbed = {m.name for k in kernels.values() for m in k.members if m is not k.root}
-    nodes = [node for node in nodes if node.name not in absorbed]
-    calls = {
-        node.name: Call(node.attrs, tuple(types[s] for s in node.inputs), types[node.name])
-        for node in nodes
-    }
-    sources = {
-        node.name: kernels[node.name].sources if node.name in kernels else node.inputs
-        for node in nodes
-    }
-    fresh = {
-        node.name
-        for node in nodes
-        if node.name not in kernels
-        and calls[node.name].type.shape != ()
-        and isinstance(_direct_function(node, calls[node.name], constants), np.ufunc)
-    }
+    if kernels:
+        absorbed = {m.name for k in kernels.values() for m in k.members if m is not k.root}
+        nodes = [node for node in nodes if node.name not in absorbed]
+    steps = []
+    fresh: set[str] = set()  # results of ufuncs: new arrays
+    seen_by_others: set[str] = set()  # values an op other than a ufunc takes (maybe a view)
     last_use: dict[str, int] = {}
-    seen_only_by_ufuncs = set(fresh)
+    # What a step's op makes of its types, worked out once per op, attributes and types: a
+    # big graph repeats a few operations many times. Keys hold identities of objects that
+    # `types` and the nodes keep alive while the plan is built.
+    known: dict[tuple, tuple[Call, int, Callable[..., np.ndarray] | None, bool]] = {}
     for index, node in enumerate(nodes):
-        for source in sources[node.name]:
+        name = node.name
+        input_types = tuple([types[s] for s in node.inputs])
+        result = types[name]
+        key = (node.op, id(node.attrs), id(result), *map(id, input_types))
+        facts = known.get(key)
+        if facts is None:
+            call = Call(node.attrs, input_types, result)
+            bound = node.opdef.bind(call) if node.opdef.bind is not None else None
+            mixed = bound is None and node.opdef.bind is not None
+            facts = known[key] = (call, node.opdef.estimated_cost(call), bound, mixed)
+        call, cost, direct, mixed = facts
+        if mixed:  # dtypes differ: direct if the odd operands are constants (cast once)
+            direct = _direct_function(node, call, constants)
+        kernel = kernels.get(name) if kernels else None
+        if kernel is not None:
+            sources = kernel.sources
+            cost = sum(m.opdef.estimated_cost(_call_of(m, types)) for m in kernel.members)
+        else:
+            sources = node.inputs
+            if result.shape and isinstance(direct, np.ufunc):
+                fresh.add(name)
+        if name not in fresh:
+            seen_by_others.update(sources)
+        for source in sources:
             last_use[source] = index
-            if node.name not in fresh:
-                seen_only_by_ufuncs.discard(source)
+        steps.append(_Step(node, call, sources, (), cost, None, kernel, direct))
     releases: dict[int, list[str]] = {}
     for name, index in last_use.items():
         if name not in fetch:
             releases.setdefault(index, []).append(name)
-    steps = []
-    for index, node in enumerate(nodes):
-        call = calls[node.name]
-        release = tuple(releases.get(index, ()))
-        kernel = kernels.get(node.name)
-        if kernel is not None:
-            cost = sum(m.opdef.estimated_cost(_call_of(m, types)) for m in kernel.members)
-        else:
-            cost = node.opdef.estimated_cost(call)
-        reuses = None
-        if node.name in fresh and call.type.size >= REUSE_MIN_ELEMENTS:
-            reuses = next(
+    for index, release in releases.items():
+        step = steps[index]
+        step.release = tuple(release)
+        result = step.call.type
+        if step.node.name in fresh and sizes[step.node.name] >= REUSE_MIN_ELEMENTS:
+            step.reuses = next(
                 (
                     source
                     for source in release
-                    if source in seen_only_by_ufuncs
-                    and types[source].shape == call.type.shape
-                    and types[source].dtype == call.type.dtype
+                    if source in fresh
+                    and source not in seen_by_others
+                    and types[source].shape == result.shape
+                    and types[source].dtype == result.dtype
                 ),
                 None,
             )
-        steps.append(_Step(node, call, sources[node.name], release, cost, reuses, kernel))
     return steps
 
 

@@ -49,16 +49,36 @@ class _Rewriter:
     """The state of one sweep: the nodes kept so far, their types, and replacements."""
 
     def __init__(self, graph: Graph):
-        self.taken = set(graph.nodes)
+        self.graph = graph
         self.types: dict[str, TensorType] = {}
         self.nodes: list[Node] = []
         self.kept: dict[str, Node] = {}
         self.replaced: dict[str, str] = {}
         self.by_key: dict[tuple, str] = {}
+        self.changed = False  # whether any node was rewritten or folded
+        self._constant_kinds: dict[str, str | None] = {}
+        self._taken: set[str] | None = None
 
     def constant_value(self, name: str) -> np.ndarray | None:
         node = self.kept.get(name)
         return node.attrs["value"] if node is not None and node.op == "constant" else None
+
+    def constant_kind(self, name: str) -> str | None:
+        """ "one", "zero" (0 or 0.0) or "negative zero" (-0.0) when `name` is a constant
+        holding only that value (the identities' neutral elements), else None; worked out
+        once per constant."""
+        if name in self._constant_kinds:
+            return self._constant_kinds[name]
+        value = self.constant_value(name)
+        kind = None
+        if value is not None and value.size and value.dtype.kind in "iuf":
+            if np.all(value == 1):
+                kind = "one"
+            elif np.all(value == 0):
+                signs = np.signbit(value)
+                kind = "negative zero" if np.all(signs) else None if np.any(signs) else "zero"
+        self._constant_kinds[name] = kind
+        return kind
 
     def add(self, node: Node, node_type: TensorType | None = None) -> str:
         """Keep `node` (typed by its rule unless `node_type` is given); returns its name."""
@@ -70,11 +90,13 @@ class _Rewriter:
         return node.name
 
     def fresh_name(self, stem: str) -> str:
+        if self._taken is None:
+            self._taken = set(self.graph.nodes)
         name, count = stem, 0
-        while name in self.taken:
+        while name in self._taken:
             count += 1
             name = f"{stem}_{count}"
-        self.taken.add(name)
+        self._taken.add(name)
         return name
 
 
@@ -92,22 +114,28 @@ def simplify(
     its forward nodes so, as the client built them); its operands may still be simplified."""
     roots = list(roots)
     rewriter = _Rewriter(graph)
+    replaced = rewriter.replaced
     for index, node in enumerate(graph.nodes.values()):
         if index % CHECK_EVERY == 0:
             check_deadline()
-        if node.name not in types:
+        name = node.name
+        node_type = types.get(name)
+        if node_type is None:
             continue
-        if any(source in rewriter.replaced for source in node.inputs):
-            inputs = tuple(rewriter.replaced.get(s, s) for s in node.inputs)
-            node = Node(node.name, node.op, inputs, node.attrs)
-        if node.name in protected:
-            rewriter.add(node, types[node.name])
+        if replaced and any(source in replaced for source in node.inputs):
+            inputs = tuple(replaced.get(s, s) for s in node.inputs)
+            node = Node(name, node.op, inputs, node.attrs)
+            rewriter.changed = True
+        if name in protected:
+            rewriter.add(node, node_type)
             continue
-        replacement = _simplified(rewriter, node, types[node.name])
+        replacement = _simplified(rewriter, node, node_type)
         if replacement is not None:
-            rewriter.replaced[node.name] = replacement
-    renamed = {root: rewriter.replaced[root] for root in roots if root in rewriter.replaced}
+            replaced[name] = replacement
+    renamed = {root: replaced[root] for root in roots if root in replaced}
     kept = remove_dead(rewriter.nodes, [renamed.get(root, root) for root in roots])
+    if not rewriter.changed and not replaced and len(kept) == len(graph):
+        return Simplified(graph, dict(types), {})  # nothing to simplify
     simplified = Graph(kept)
     simplified.digest = graph.digest
     return Simplified(simplified, {n.name: rewriter.types[n.name] for n in kept}, renamed)
@@ -127,9 +155,11 @@ def _simplified(rewriter: _Rewriter, node: Node, node_type: TensorType) -> str |
         if rewritten is None:
             break
         node = rewritten
+        rewriter.changed = True
     folded = fold_constant(rewriter, node, node_type)
     if folded is not None:
         node = folded
+        rewriter.changed = True
     key = common_key(node)
     if key is not None:
         earlier = rewriter.by_key.get(key)
@@ -157,21 +187,17 @@ def identity(rewriter: _Rewriter, node: Node, node_type: TensorType) -> str | No
     return same
 
 
-def _neutral(value: float, positions: tuple[int, ...]) -> Callable[[_Rewriter, Node], str | None]:
-    """x op c == x when the constant c is `value` everywhere, c at one of `positions`.
+def _neutral(kind: str, positions: tuple[int, ...]) -> Callable[[_Rewriter, Node], str | None]:
+    """x op c == x when the constant c at one of `positions` holds only `kind` (see
+    _Rewriter.constant_kind).
 
     The sign of a zero counts: x + (-0.0) is x for every x, x + 0.0 is not (it is 0.0 where x
-    is -0.0, and 1 / that is inf, not -inf); x - 0.0 is x."""
+    is -0.0, and 1 / that is inf, not -inf); x - 0.0 is x, and so is x - 0."""
 
     def rule(rewriter: _Rewriter, node: Node) -> str | None:
         for position in positions:
-            constant = rewriter.constant_value(node.inputs[position])
-            if constant is None or not constant.size or not np.all(constant == value):
-                continue
-            if value == 0 and constant.dtype.kind == "f":
-                if not np.all(np.signbit(constant) == (node.op == "add")):
-                    continue
-            return node.inputs[1 - position]
+            if rewriter.constant_kind(node.inputs[position]) == kind:
+                return node.inputs[1 - position]
         return None
 
     return rule
@@ -219,10 +245,10 @@ def _sums_only_ones(node: Node, x: TensorType) -> bool:
 
 
 _IDENTITIES: dict[str, Callable[[_Rewriter, Node], str | None]] = {
-    "mul": _neutral(1, (0, 1)),
-    "div": _neutral(1, (1,)),
-    "add": _neutral(-0.0, (0, 1)),
-    "sub": _neutral(0, (1,)),
+    "mul": _neutral("one", (0, 1)),
+    "div": _neutral("one", (1,)),
+    "add": _neutral("negative zero", (0, 1)),
+    "sub": _neutral("zero", (1,)),
     "neg": _double("neg"),
     "reshape": _same_type,
     "broadcast_to": _same_type,
@@ -276,10 +302,13 @@ def _emit(
 def fold_constant(rewriter: _Rewriter, node: Node, node_type: TensorType) -> Node | None:
     """The node as a constant when its operands are all constants and its value is small and
     cheap to compute now (it is computed with the op's own forward, so the value is the same)."""
+    values = []
+    for source in node.inputs:
+        value = rewriter.constant_value(source)
+        if value is None:
+            return None
+        values.append(value)
     if node.op in ("constant", "input") or node_type.size > FOLD_MAX_ELEMENTS:
-        return None
-    values = [rewriter.constant_value(s) for s in node.inputs]
-    if any(v is None for v in values):
         return None
     opdef = node.opdef
     call = Call(node.attrs, tuple(rewriter.types[s] for s in node.inputs), node_type)
@@ -301,6 +330,8 @@ def common_key(node: Node) -> tuple | None:
     by value, when small); None for nodes never merged (inputs, each its own feed)."""
     if node.op == "input":
         return None
+    if not node.attrs:
+        return (node.op, node.inputs)
     attrs = []
     for name, value in node.attrs.items():
         if isinstance(value, np.ndarray):
@@ -315,12 +346,13 @@ def common_key(node: Node) -> tuple | None:
 
 def remove_dead(nodes: list[Node], roots: Iterable[str]) -> list[Node]:
     """The nodes the roots need, and every input, in their order."""
-    by_name = {node.name: node for node in nodes}
-    needed = {root for root in roots if root in by_name}
-    stack = list(needed)
-    while stack:
-        for source in by_name[stack.pop()].inputs:
-            if source not in needed:
-                needed.add(source)
-                stack.append(source)
-    return [node for node in nodes if node.name in needed or node.op == "input"]
+    needed = set(roots)
+    kept = []
+    for node in reversed(nodes):
+        if node.name in needed:
+            needed.update(node.inputs)
+            kept.append(node)
+        elif node.op == "input":
+            kept.append(node)
+    kept.reverse()
+    return kept
