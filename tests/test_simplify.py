@@ -292,3 +292,13 @@ def test_deadlines_are_checked_after_enough_work():
     calls.clear()
     Plan(graph, types, {last}).run({"x": np.ones(1 << 20)}, lambda: calls.append(1))
     assert len(calls) == 4  # each step is a lot of work: a check before each
+
+
+def test_an_outer_product_by_matmul_is_a_broadcast_product():
+    g = Graph()
+    column, row = g.input("column"), g.input("row")
+    out = column @ row  # (5, 1) @ (1, 4): one product per element, no sum
+    feeds = {"column": np.linspace(-2, 2, 5).reshape(5, 1), "row": np.linspace(1, 3, 4)[None]}
+    expected, got, simple = simplified_values(g, feeds, [out.name])
+    assert_same_bits(expected, got)
+    assert ops_of(simple.graph).count("mul") == 1 and "matmul" not in ops_of(simple.graph)

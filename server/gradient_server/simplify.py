@@ -261,8 +261,9 @@ _IDENTITIES: dict[str, Callable[[_Rewriter, Node], str | None]] = {
 
 def rewrite(rewriter: _Rewriter, node: Node, node_type: TensorType) -> Node | None:
     """A cheaper node computing the same value under the same name, or None:
-    a sum over axes of size 1 becomes a reshape; a reshape of a reshape one reshape; a
-    sum_to_shape of x broadcast to a larger shape becomes x times the number of copies summed
+    a sum over axes of size 1 becomes a reshape; a reshape of a reshape one reshape; a matrix
+    product contracting a dimension of size 1 (an outer product) a broadcast product, each
+    element the same single product; a sum_to_shape of x broadcast to a larger shape becomes x times the number of copies summed
     (the one rule that rounds differently: one product instead of a sum of equal terms)."""
     if node.op == "sum" and node_type.dtype == rewriter.types[node.inputs[0]].dtype:
         if _sums_only_ones(node, rewriter.types[node.inputs[0]]):
@@ -271,6 +272,11 @@ def rewrite(rewriter: _Rewriter, node: Node, node_type: TensorType) -> Node | No
         inner = rewriter.kept.get(node.inputs[0])
         if inner is not None and inner.op == "reshape":
             return _emit(rewriter, node, node_type, "reshape", inner.inputs, shape=node_type.shape)
+    if node.op == "matmul":
+        a, b = (rewriter.types[s] for s in node.inputs)
+        outer = len(a.shape) == len(b.shape) == 2 and a.shape[1] == 1 == b.shape[0]
+        if outer and a.dtype == b.dtype == node_type.dtype:
+            return _emit(rewriter, node, node_type, "mul", node.inputs)
     if node.op == "sum_to_shape":
         inner = rewriter.kept.get(node.inputs[0])
         if inner is not None and inner.op == "broadcast_to":
