@@ -498,7 +498,10 @@ class Engine:
                 needed = graph.ancestors(fetch_names)
                 types = infer_types(graph, feed_types, needed, check_deadline)
                 simple = simplify(graph, types, fetch_names, check_deadline)
-                plan = Plan(simple.graph, simple.types, set(fetch_names), simple.renamed)
+                # What the fetched nodes need is the simplified graph, every node of it.
+                plan = Plan(
+                    simple.graph, simple.types, set(fetch_names), simple.renamed, simple.graph.nodes
+                )
                 return self._check_plan(plan, simple.types)
 
             plan = self._compiled(compiled_key, compile_plan)

@@ -15,7 +15,7 @@ import functools
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,13 +78,16 @@ class Plan:
         types: Mapping[str, TensorType],
         fetch: set[str],
         aliases: Mapping[str, str] | None = None,
+        needed: Container[str] | None = None,
     ):
         """`fetch` names the values run() returns; `aliases` maps a fetched name to the node
-        that computes its value, where another does (after simplification)."""
+        that computes its value, where another does (after simplification); `needed` holds
+        the nodes the fetched ones depend on, when the caller knows them already."""
         aliases = aliases or {}
         self._fetch = tuple((name, aliases.get(name, name)) for name in sorted(fetch))
         self.fetch = frozenset(node for _, node in self._fetch)
-        needed = graph.ancestors(self.fetch)
+        if needed is None:
+            needed = graph.ancestors(self.fetch)
         inputs: list[str] = []
         self._constants: dict[str, np.ndarray] = {}  # values, read-only: no step writes them
         computed: list[Node] = []
@@ -328,10 +331,11 @@ def _schedule(
     # big graph repeats a few operations many times. Keys hold identities of objects that
     # `types` and the nodes keep alive while the plan is built.
     known: dict[tuple, tuple[Call, int, Callable[..., np.ndarray] | None, bool]] = {}
+    type_of = types.__getitem__
     for index, node in enumerate(nodes):
         name = node.name
-        input_types = tuple([types[s] for s in node.inputs])
-        result = types[name]
+        input_types = tuple(map(type_of, node.inputs))
+        result = type_of(name)
         key = (node.op, id(node.attrs), id(result), *map(id, input_types))
         facts = known.get(key)
         if facts is None:
