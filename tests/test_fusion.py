@@ -153,3 +153,25 @@ def test_without_numexpr_nothing_fuses_and_values_are_numpys(monkeypatch):
     feeds = {"x": np.linspace(0, 1, SIZE)}
     value = unfused(g, feeds, [out.name], monkeypatch)[out.name]
     assert value.tobytes() == np.exp(feeds["x"] * 2.0).tobytes()
+
+
+def test_a_cached_fused_plan_serves_concurrent_calls():
+    """Plans are shared by concurrent requests: their kernels too."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    g = Graph()
+    x = g.input("x")
+    loss = g.sum(g.tanh(g.exp(x * 0.5) - 1.0) * 2.0)
+    graph = decode_graph(g.to_proto())
+    engine = Engine()
+    rng = np.random.default_rng(4)
+    feeds = [{"x": rng.standard_normal(SIZE)} for _ in range(8)]
+    alone = [engine.gradient(graph, f, loss.name, wrt=["x"]).gradients["x"] for f in feeds]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(
+            pool.map(
+                lambda f: engine.gradient(graph, f, loss.name, wrt=["x"]).gradients["x"], feeds * 4
+            )
+        )
+    for index, gradient in enumerate(together):
+        assert gradient.tobytes() == alone[index % 8].tobytes()
