@@ -268,6 +268,8 @@ def messages(draw, message_type):
             setattr(truth, f.name, draw(texts))
         elif f.type == FieldDescriptor.TYPE_ENUM:
             setattr(truth, f.name, draw(st.sampled_from([v.number for v in f.enum_type.values])))
+        elif f.type == FieldDescriptor.TYPE_BOOL:
+            setattr(truth, f.name, draw(st.booleans()))
         else:
             raise AssertionError(f"no strategy for {message_type.__name__}.{f.name}")
     sent.fields.CopyFrom(plain_part(truth))

@@ -75,6 +75,12 @@ def _seed(text: str) -> np.ndarray:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def _jacobian_mode(text: str) -> str:
+    if text not in ("auto", "reverse", "forward"):
+        raise argparse.ArgumentTypeError(f"expected auto, reverse or forward, got {text!r}")
+    return text
+
+
 # -- the graph file -------------------------------------------------------------------------
 
 
@@ -487,6 +493,68 @@ def _cmd_hvp(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_jvp(args: argparse.Namespace) -> int:
+    file = _read_graph(args.graph)
+    graph = file.message
+    inputs = _inputs(args, file)
+    output = _output(args, file)
+    tangents = _arrays(graph, args.tangent or [], "--tangent")
+    with _client(args) as client:
+        result = client.jvp(
+            graph,
+            output,
+            inputs,
+            tangents,
+            tangents_of=args.tangent_of or None,
+            all_tangents=args.all_tangents,
+        )
+    order = _ordered(graph, result.tangents)
+    if args.json:
+        _print_json(
+            {
+                "output": output,
+                "value": np.asarray(result.values[output]).tolist(),
+                "tangents": _lists(result.tangents, order),
+                "skipped": dict(result.skipped),
+            }
+        )
+        return 0
+    ops = _op_of(graph)
+    rows = [[name, ops.get(name, ""), format_tensor(result.tangents[name])] for name in order]
+    print(_table(["node", "op", "tangent (J·v)"], rows))
+    for name, reason in result.skipped.items():
+        print(f"no tangent for {name}: {reason}")
+    return 0
+
+
+def _cmd_jacobian(args: argparse.Namespace) -> int:
+    file = _read_graph(args.graph)
+    graph = file.message
+    inputs = _inputs(args, file)
+    output = _output(args, file)
+    with _client(args) as client:
+        result = client.jacobian(graph, output, inputs, wrt=args.wrt or None, mode=args.mode)
+    order = _ordered(graph, result.jacobians)
+    if args.json:
+        _print_json(
+            {
+                "output": output,
+                "mode": result.mode,
+                "products": result.products,
+                "jacobians": _lists(result.jacobians, order),
+            }
+        )
+        return 0
+    rows = [
+        [f"d{output}/d{name}", str(list(np.shape(result.jacobians[name]))), format_tensor(value)]
+        for name in order
+        for value in [result.jacobians[name]]
+    ]
+    print(_table(["jacobian", "shape", "value"], rows))
+    print(f"{result.mode} mode, {result.products} products")
+    return 0
+
+
 # -- the parser -----------------------------------------------------------------------------
 
 
@@ -651,6 +719,48 @@ def _parser() -> argparse.ArgumentParser:
         required=True,
         metavar="NAME=VALUE",
         help="the vector's part for one input (repeatable)",
+    )
+
+    jvp = command(
+        "jvp",
+        _cmd_jvp,
+        "print the Jacobian-vector product (forward mode): the output's tangent along --tangent",
+        [graph_file, feeds, as_json],
+    )
+    jvp.add_argument(
+        "--output", metavar="NAME", help="the node whose tangent to print (default: the sink)"
+    )
+    jvp.add_argument(
+        "--tangent",
+        action="append",
+        type=_assignment,
+        metavar="NAME=VALUE",
+        help="an input's tangent (repeatable; inputs not given move by zero)",
+    )
+    jvp.add_argument(
+        "--tangent-of", action="append", metavar="NAME", help="also this node's tangent"
+    )
+    jvp.add_argument("--all-tangents", action="store_true", help="every node's tangent")
+
+    jacobian = command(
+        "jacobian",
+        _cmd_jacobian,
+        "print the Jacobian of the output with respect to float inputs",
+        [graph_file, feeds, as_json],
+    )
+    jacobian.add_argument(
+        "--output", metavar="NAME", help="the node to differentiate (default: the sink)"
+    )
+    jacobian.add_argument(
+        "--wrt", action="append", metavar="NAME", help="only this input (repeatable)"
+    )
+    jacobian.add_argument(
+        "--mode",
+        type=_jacobian_mode,
+        default="auto",
+        metavar="MODE",
+        help="reverse (a VJP per output element), forward (a JVP per input element), or auto "
+        "(the fewer; the default)",
     )
     return parser
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import itertools
 import threading
@@ -37,6 +36,8 @@ __all__ = [
     "GradientClient",
     "GradientGraphResult",
     "GradientResult",
+    "JacobianResult",
+    "JvpResult",
     "NodeCheck",
     "OpAttr",
     "OpInfo",
@@ -98,6 +99,35 @@ class GradientResult:
     values: dict[str, np.ndarray]
     gradients: dict[str, np.ndarray]
     skipped: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class JvpResult:
+    """Values and tangents of a jvp call, numpy arrays keyed by node name (a Node works as a
+    key too).
+
+    `tangents[output]` is the Jacobian-vector product J·v; `values[output]` the output's
+    value; `skipped` maps each requested node that has no tangent (int or bool) to the reason.
+    """
+
+    values: dict[str, np.ndarray]
+    tangents: dict[str, np.ndarray]
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class JacobianResult:
+    """The Jacobian of a jacobian call: `jacobians` maps each wrt input (name or Node) to
+    d(output)/d(input), of shape output.shape + input.shape; `mode` says how the server
+    computed it ("reverse" or "forward") and `products` how many VJPs or JVPs that took.
+    `r[x]` is `r.jacobians[x]`."""
+
+    jacobians: dict[str, np.ndarray]
+    mode: str
+    products: int
+
+    def __getitem__(self, node: NodeLike) -> np.ndarray:
+        return self.jacobians[_name(node)]
 
 
 @dataclass(frozen=True)
@@ -197,8 +227,12 @@ def _forward_request(graph: WireGraph, inputs, fetch) -> WireMessage:
     return WireMessage(fields, tensors={"inputs": encode_feeds(graph, inputs)})
 
 
-def _gradient_request(graph: WireGraph, output, inputs, wrt, seed, fetch) -> WireMessage:
-    fields = service_pb2.GradientRequest(output=_name(output), wrt=_names(wrt), fetch=_names(fetch))
+def _gradient_request(
+    graph: WireGraph, output, inputs, wrt, seed, fetch, batched_seed: bool = False
+) -> WireMessage:
+    fields = service_pb2.GradientRequest(
+        output=_name(output), wrt=_names(wrt), fetch=_names(fetch), batched_seed=batched_seed
+    )
     tensors: dict[str, Any] = {"inputs": encode_feeds(graph, inputs)}
     if seed is not None:
         tensors["seed"] = encode_array(seed, what="seed")
@@ -262,6 +296,91 @@ def _hvp_request(graph: WireGraph, output, inputs, vector) -> WireMessage:
     )
 
 
+def _jvp_request(
+    graph: WireGraph, output, inputs, tangents, tangents_of, all_tangents, fetch, batched
+) -> WireMessage:
+    encoded = {
+        _name(k): encode_array(v, float, what="tangent", name=_name(k))
+        for k, v in (tangents or {}).items()
+    }
+    fields = service_pb2.JacobianVectorProductRequest(
+        output=_name(output),
+        tangents_of=_names(tangents_of),
+        all_tangents=all_tangents,
+        fetch=_names(fetch),
+        batched_tangents=batched,
+    )
+    return WireMessage(fields, tensors={"inputs": encode_feeds(graph, inputs), "tangents": encoded})
+
+
+def jvp_result(tensors: Mapping[str, Any], skipped: Iterable[Any]) -> JvpResult:
+    """A JvpResult from decoded tensors and SkippedNode messages."""
+    return JvpResult(
+        values=ByNode(tensors.get("values", {})),
+        tangents=ByNode(tensors.get("tangents", {})),
+        skipped=ByNode({s.name: s.reason for s in skipped}),
+    )
+
+
+_JACOBIAN_MODES = {
+    "auto": service_pb2.JACOBIAN_MODE_AUTO,
+    "reverse": service_pb2.JACOBIAN_MODE_REVERSE,
+    "forward": service_pb2.JACOBIAN_MODE_FORWARD,
+}
+_JACOBIAN_MODE_NAMES = {number: name for name, number in _JACOBIAN_MODES.items()}
+
+
+def _jacobian_request(graph: WireGraph, output, inputs, wrt, mode: str) -> WireMessage:
+    if mode not in _JACOBIAN_MODES:
+        raise ValueError(f"mode must be 'auto', 'reverse' or 'forward', got {mode!r}")
+    fields = service_pb2.JacobianRequest(
+        output=_name(output), wrt=_names(wrt), mode=_JACOBIAN_MODES[mode]
+    )
+    return WireMessage(fields, tensors={"inputs": encode_feeds(graph, inputs)})
+
+
+def _jacobian_result(response: WireMessage) -> JacobianResult:
+    fields = response.fields
+    return JacobianResult(
+        ByNode(response.tensors.get("jacobians", {})),
+        _JACOBIAN_MODE_NAMES.get(fields.mode, str(fields.mode)),
+        fields.products,
+    )
+
+
+def _hessian_problem(
+    gg: GradientGraphResult, output: NodeLike, inputs: Mapping[Any, Any], names: list[str]
+) -> tuple[Graph, str, dict[str, Any]]:
+    """The gradient graph extended with the flattened gradients of `names` concatenated (one
+    node: the Hessian is its Jacobian), that node's name, and the feeds (the seed is 1)."""
+    extended = Graph.from_proto(gg.graph)
+    seed = next(node for node in gg.graph.nodes if node.name == gg.seed)
+    shape = list(seed.attrs["shape"].ints.values) if "shape" in seed.attrs else []
+    if int(np.prod(shape, dtype=np.int64)) != 1:
+        raise GradientError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"output {_name(output)!r} has shape {shape}; a Hessian needs an output with one "
+            "element",
+        )
+    flat = [extended.reshape(extended[gg.gradients[name]], [-1]) for name in names]
+    gradient = flat[0] if len(flat) == 1 else extended.concat(*flat, axis=0)
+    feeds = {_name(key): value for key, value in inputs.items()}
+    feeds[gg.seed] = np.ones(shape)
+    return extended, gradient.name, feeds
+
+
+def _hessian_from_jacobian(
+    names: list[str], shapes: dict[str, tuple[int, ...]], result: JacobianResult
+) -> np.ndarray:
+    """H from the Jacobian of the concatenated flattened gradient: shape s + s for one input
+    of shape s, else the (n, n) matrix over the inputs flattened and concatenated."""
+    if len(names) == 1:
+        shape = shapes[names[0]]
+        return np.asarray(result.jacobians[names[0]]).reshape(shape + shape)
+    blocks = [np.asarray(result.jacobians[name]) for name in names]
+    return np.concatenate([block.reshape(block.shape[0], -1) for block in blocks], axis=1)
+
+
 def _gradient_graph_request(graph: WireGraph, output, inputs, wrt) -> WireMessage:
     fields = service_pb2.GradientGraphRequest(output=_name(output), wrt=_names(wrt))
     return WireMessage(fields, tensors={"inputs": encode_feeds(graph, inputs)})
@@ -277,19 +396,6 @@ def _gradient_graph_result(response: WireMessage) -> GradientGraphResult:
     )
 
 
-def _hessian_from_products(
-    wrt: list[str], shapes: dict[str, tuple[int, ...]], columns: list[dict[str, np.ndarray]]
-) -> np.ndarray:
-    """Assemble H from H·e_k for each basis vector e_k of the flattened, concatenated `wrt`."""
-    matrix = np.stack(
-        [np.concatenate([column[name].reshape(-1) for name in wrt]) for column in columns], axis=1
-    )
-    if len(wrt) == 1:
-        shape = shapes[wrt[0]]
-        return matrix.reshape(shape + shape)
-    return matrix
-
-
 def _input_shapes(inputs: Mapping[Any, Any], names: list[str]) -> dict[str, tuple[int, ...]]:
     by_name = {_name(key): value for key, value in inputs.items()}  # keyed by Node or name
     missing = [name for name in names if name not in by_name]
@@ -298,16 +404,6 @@ def _input_shapes(inputs: Mapping[Any, Any], names: list[str]) -> dict[str, tupl
             grpc.StatusCode.INVALID_ARGUMENT, f"wrt names {missing}, which are not among the inputs"
         )
     return {name: np.shape(by_name[name]) for name in names}
-
-
-def _basis(wrt: list[str], shapes: dict[str, tuple[int, ...]]):
-    """The basis vectors e_k over the flattened, concatenated `wrt`, as vector dicts."""
-    for name in wrt:
-        size = int(np.prod(shapes[name], dtype=np.int64))
-        for k in range(size):
-            direction = np.zeros(size)
-            direction[k] = 1.0
-            yield {name: direction.reshape(shapes[name])}
 
 
 def forward_result(tensors: Mapping[str, Any]) -> ForwardResult:
@@ -609,16 +705,19 @@ class GradientClient:
         seed: Any = None,
         *,
         fetch: Sequence[NodeLike] | None = None,
+        batched_seed: bool = False,
         timeout: float | None = None,
     ) -> GradientResult:
         """Values and gradients of `output` with respect to `wrt` (every node by default).
 
         A scalar output's seed defaults to 1; a non-scalar output needs `seed`, an array of
-        its shape (the result is then the vector-Jacobian product). The arrays returned are
-        read-only views of the response.
+        its shape (the result is then the vector-Jacobian product). With `batched_seed`,
+        `seed` stacks K seeds along a new leading axis and every gradient comes back stacked
+        the same way: K vector-Jacobian products from one forward pass. The arrays returned
+        are read-only views of the response.
         """
         sent = wire_graph(graph)
-        request = _gradient_request(sent, output, inputs, wrt, seed, fetch)
+        request = _gradient_request(sent, output, inputs, wrt, seed, fetch, batched_seed)
         response = self._call_on_graph("Gradient", request, sent, timeout)
         return gradient_result(response.tensors, response.fields.skipped)
 
@@ -701,17 +800,67 @@ class GradientClient:
     ) -> np.ndarray:
         """The full Hessian of a scalar output with respect to the inputs `wrt` (small ones!).
 
-        One Hessian-vector product per element: O(n) calls for n elements in all. With one
-        input of shape s the result has shape s + s; with several, it is the (n, n) matrix over
-        their flattened values concatenated in `wrt` order.
+        The Jacobian of the gradient: one GradientGraph call, then one Jacobian call on the
+        gradients flattened and concatenated (n vector-Jacobian products for n elements in
+        all, from one forward pass on the server). With one input of shape s the result has
+        shape s + s; with several, it is the (n, n) matrix over their flattened values
+        concatenated in `wrt` order.
         """
         names = _names(wrt)
         shapes = _input_shapes(inputs, names)
-        columns = [
-            self.hvp(graph, output, inputs, direction, timeout=timeout)
-            for direction in _basis(names, shapes)
-        ]
-        return _hessian_from_products(names, shapes, columns)
+        gg = self.gradient_graph(graph, output, inputs, wrt=names, timeout=timeout)
+        extended, gradient, feeds = _hessian_problem(gg, output, inputs, names)
+        result = self.jacobian(extended, gradient, feeds, wrt=names, timeout=timeout)
+        return _hessian_from_jacobian(names, shapes, result)
+
+    def jvp(
+        self,
+        graph: GraphLike,
+        output: NodeLike,
+        inputs: Mapping[str, Any] | None = None,
+        tangents: Mapping[str, Any] | None = None,
+        *,
+        tangents_of: Sequence[NodeLike] | None = None,
+        all_tangents: bool = False,
+        fetch: Sequence[NodeLike] | None = None,
+        batched: bool = False,
+        timeout: float | None = None,
+    ) -> JvpResult:
+        """The Jacobian-vector product J·v (forward mode): the tangent of `output` when the
+        inputs move along `tangents` (input name -> array of its shape; missing inputs count
+        as zero), in `r.tangents[output]`, with the output's value in `r.values[output]`.
+
+        `tangents_of` adds the tangents of those nodes, `all_tangents=True` of every node;
+        `fetch` adds values. With `batched`, each tangent stacks K tangents along a new leading
+        axis and every tangent comes back stacked the same way, from one forward pass.
+        """
+        sent = wire_graph(graph)
+        request = _jvp_request(
+            sent, output, inputs, tangents, tangents_of, all_tangents, fetch, batched
+        )
+        response = self._call_on_graph("JacobianVectorProduct", request, sent, timeout)
+        return jvp_result(response.tensors, response.fields.skipped)
+
+    def jacobian(
+        self,
+        graph: GraphLike,
+        output: NodeLike,
+        inputs: Mapping[str, Any] | None = None,
+        wrt: Sequence[NodeLike] | None = None,
+        *,
+        mode: str = "auto",
+        timeout: float | None = None,
+    ) -> JacobianResult:
+        """The Jacobian of `output` with respect to the float inputs `wrt` (every float input
+        by default): `r[x]` has shape output.shape + x.shape.
+
+        The server runs reverse mode (one VJP per output element, as jax.jacrev) or forward
+        mode (one JVP per input element, as jax.jacfwd), whichever runs fewer, unless `mode`
+        is "reverse" or "forward"; `r.mode` says which. All the products share one forward pass.
+        """
+        sent = wire_graph(graph)
+        request = _jacobian_request(sent, output, inputs, wrt, mode)
+        return _jacobian_result(self._call_on_graph("Jacobian", request, sent, timeout))
 
     def list_ops(self, *, timeout: float | None = None) -> list[OpInfo]:
         """Every op the server knows."""
@@ -853,11 +1002,12 @@ class AsyncGradientClient:
         seed: Any = None,
         *,
         fetch: Sequence[NodeLike] | None = None,
+        batched_seed: bool = False,
         timeout: float | None = None,
     ) -> GradientResult:
         """See GradientClient.gradient."""
         sent = wire_graph(graph)
-        request = _gradient_request(sent, output, inputs, wrt, seed, fetch)
+        request = _gradient_request(sent, output, inputs, wrt, seed, fetch, batched_seed)
         response = await self._call_on_graph("Gradient", request, sent, timeout)
         return gradient_result(response.tensors, response.fields.skipped)
 
@@ -923,16 +1073,49 @@ class AsyncGradientClient:
         *,
         timeout: float | None = None,
     ) -> np.ndarray:
-        """See GradientClient.hessian (the products are requested concurrently)."""
+        """See GradientClient.hessian."""
         names = _names(wrt)
         shapes = _input_shapes(inputs, names)
-        columns = await asyncio.gather(
-            *(
-                self.hvp(graph, output, inputs, direction, timeout=timeout)
-                for direction in _basis(names, shapes)
-            )
+        gg = await self.gradient_graph(graph, output, inputs, wrt=names, timeout=timeout)
+        extended, gradient, feeds = _hessian_problem(gg, output, inputs, names)
+        result = await self.jacobian(extended, gradient, feeds, wrt=names, timeout=timeout)
+        return _hessian_from_jacobian(names, shapes, result)
+
+    async def jvp(
+        self,
+        graph: GraphLike,
+        output: NodeLike,
+        inputs: Mapping[str, Any] | None = None,
+        tangents: Mapping[str, Any] | None = None,
+        *,
+        tangents_of: Sequence[NodeLike] | None = None,
+        all_tangents: bool = False,
+        fetch: Sequence[NodeLike] | None = None,
+        batched: bool = False,
+        timeout: float | None = None,
+    ) -> JvpResult:
+        """See GradientClient.jvp."""
+        sent = wire_graph(graph)
+        request = _jvp_request(
+            sent, output, inputs, tangents, tangents_of, all_tangents, fetch, batched
         )
-        return _hessian_from_products(names, shapes, list(columns))
+        response = await self._call_on_graph("JacobianVectorProduct", request, sent, timeout)
+        return jvp_result(response.tensors, response.fields.skipped)
+
+    async def jacobian(
+        self,
+        graph: GraphLike,
+        output: NodeLike,
+        inputs: Mapping[str, Any] | None = None,
+        wrt: Sequence[NodeLike] | None = None,
+        *,
+        mode: str = "auto",
+        timeout: float | None = None,
+    ) -> JacobianResult:
+        """See GradientClient.jacobian."""
+        sent = wire_graph(graph)
+        request = _jacobian_request(sent, output, inputs, wrt, mode)
+        return _jacobian_result(await self._call_on_graph("Jacobian", request, sent, timeout))
 
     async def list_ops(self, *, timeout: float | None = None) -> list[OpInfo]:
         """See GradientClient.list_ops."""

@@ -22,7 +22,8 @@ from .admission import MemoryBudget
 from .autodiff import GradientGraph, directional_derivative, gradient_graph
 from .errors import GraphError, LimitExceeded, UnknownGraph, no_deadline
 from .executor import OpTimes, Plan
-from .ir import Graph, decode_graph, did_you_mean, graph_digest, infer_types
+from .forward_mode import jvp_graph
+from .ir import Graph, decode_graph, did_you_mean, graph_digest, infer_types, make_node
 from .simplify import simplify
 from .tensor_type import TensorType
 
@@ -216,6 +217,122 @@ class _HvpPlan:
     @property
     def held_bytes(self) -> int:
         return self.plan.held_bytes + self.graph.held_bytes
+
+
+@dataclass(slots=True)
+class JvpResult:
+    """Values and tangents of a JacobianVectorProduct call, keyed by node name."""
+
+    values: dict[str, np.ndarray]
+    tangents: dict[str, np.ndarray]
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class JacobianResult:
+    """The Jacobian of a Jacobian call: one array per wrt input, the mode used ("reverse" or
+    "forward") and how many products it took."""
+
+    jacobians: dict[str, np.ndarray]
+    mode: str
+    products: int
+
+
+@dataclass(frozen=True)
+class _JvpPlan:
+    plan: Plan
+    graph: Graph  # the simplified forward-mode graph the plan runs
+    types: dict[str, TensorType]
+    aliases: dict[str, str]  # fetched name -> the node computing it
+    fetched: frozenset[str]
+    tangents: dict[str, str]  # node -> the node holding its tangent
+    directions: dict[str, str]  # input -> the input node taking its tangent
+    constant_feeds: tuple[tuple[str, np.ndarray], ...]  # the zero probes and the unit seeds
+    skipped: dict[str, str]
+
+    @property
+    def held_bytes(self) -> int:
+        return self.plan.held_bytes + self.graph.held_bytes
+
+
+@dataclass(frozen=True)
+class _BatchedPlan:
+    """A plan split for K rows of some of its inputs (the batched ones): `once` computes what
+    does not depend on them (the forward pass), and `per_row` what does, once per row, taking
+    the `boundary` values from `once` as inputs. So K rows cost one forward pass."""
+
+    once: Plan
+    per_row: Plan | None
+    boundary: tuple[str, ...]
+    once_fetch: frozenset[str]
+    row_types: dict[str, TensorType]  # fetched name -> type, of those computed per row
+    graph: Graph | None  # the per-row graph
+
+    @property
+    def held_bytes(self) -> int:
+        held = self.once.held_bytes
+        if self.per_row is not None and self.graph is not None:
+            held += self.per_row.held_bytes + self.graph.held_bytes
+        return held
+
+
+def _split_plan(
+    graph: Graph,
+    types: Mapping[str, TensorType],
+    fetch: Sequence[str],
+    aliases: Mapping[str, str],
+    batched: set[str],
+) -> _BatchedPlan:
+    """Split the plan computing `fetch` into the part independent of the `batched` inputs
+    and the part depending on them (see _BatchedPlan). Both run the graph's own nodes, so
+    each row computes what the whole plan would, op for op."""
+    resolved = {name: aliases.get(name, name) for name in fetch}
+    dependent: set[str] = set()
+    for node in graph.nodes.values():
+        if node.name in batched or not dependent.isdisjoint(node.inputs):
+            dependent.add(node.name)
+    needed = graph.ancestors(resolved.values())
+    row_nodes = [node for name, node in graph.nodes.items() if name in needed and name in dependent]
+    outside = sorted({s for node in row_nodes for s in node.inputs if s not in dependent})
+    boundary = tuple(s for s in outside if graph[s].op != "constant")
+    once_names = {name for name, node in resolved.items() if node not in dependent}
+    once = Plan(
+        graph,
+        types,
+        once_names | set(boundary),
+        {name: resolved[name] for name in once_names},
+    )
+    row_names = {name for name, node in resolved.items() if node in dependent}
+    if not row_names:
+        return _BatchedPlan(once, None, (), frozenset(once_names), {}, None)
+    sources = [
+        graph[s]
+        if graph[s].op == "constant"
+        else make_node(s, "input", (), {"dtype": types[s].dtype, "shape": types[s].shape})
+        for s in outside
+    ]
+    row_graph = Graph([*sources, *row_nodes])
+    row_graph.digest = f"{graph.digest}/per-row"
+    row_types = {name: types[name] for name in row_graph.nodes}
+    per_row = Plan(row_graph, row_types, row_names, {name: resolved[name] for name in row_names})
+    return _BatchedPlan(
+        once,
+        per_row,
+        boundary,
+        frozenset(once_names),
+        {name: types[resolved[name]] for name in row_names},
+        row_graph,
+    )
+
+
+def _stacked(value: np.ndarray, rows: int) -> np.ndarray:
+    """`value` repeated along a new leading axis of `rows` (a row that does not depend on the
+    batched inputs is the same in every row)."""
+    return np.repeat(np.asarray(value)[np.newaxis], rows, axis=0)
+
+
+def _order(names: Sequence[str]) -> list[str]:
+    return list(dict.fromkeys(names))
 
 
 def check_output(graph: Graph, output: str) -> None:
@@ -696,6 +813,418 @@ class Engine:
             run_feeds[node] = vector[name].astype(feed_types[name].dtype, copy=False)
         values = self._run(compiled.plan, run_feeds, check_deadline)
         return {name: values[grad] for name, grad in compiled.gradients.items()}
+
+    # -- Several seeds or tangents in one call (one forward pass) -------------------------
+
+    def _check_batched(
+        self,
+        split: _BatchedPlan,
+        rows: int,
+        batched_feeds: Mapping[str, np.ndarray],
+        types: Mapping[str, TensorType],
+    ) -> None:
+        """Charge K rows against the limits before anything runs: the forward pass once, the
+        per-row part K times, and the K stacked results (and the stacked feeds) held at once."""
+        self._check_plan(split.once, types)
+        row_flops = row_bytes = largest = 0
+        if split.per_row is not None:
+            self._check_plan(split.per_row, types)
+            row_flops = split.per_row.estimated_flops
+            row_bytes = split.per_row.estimated_bytes
+            largest = max((t.size for t in split.row_types.values()), default=0)
+        stacked = sum(t.size * t.dtype.itemsize for t in split.row_types.values()) * rows
+        held = (
+            split.once.estimated_bytes
+            + row_bytes
+            + stacked
+            + sum(value.nbytes for value in batched_feeds.values())
+        )
+        if largest * rows > self.limits.max_tensor_elements:
+            raise LimitExceeded(
+                f"{rows} stacked results of {largest} elements would hold {largest * rows} "
+                f"elements; the limit (max_tensor_elements) is {self.limits.max_tensor_elements}",
+                limit="max_tensor_elements",
+            )
+        if held > self.limits.max_bytes:
+            raise LimitExceeded(
+                f"{rows} stacked products would hold about {held} bytes; the limit "
+                f"(max_bytes) is {self.limits.max_bytes}",
+                limit="max_bytes",
+            )
+        flops = split.once.estimated_flops + rows * row_flops
+        if flops > self.limits.max_flops:
+            raise LimitExceeded(
+                f"{rows} products would take about {_flops(flops)} flops (the forward pass "
+                f"{_flops(split.once.estimated_flops)} once, {_flops(row_flops)} per product); "
+                f"the limit (max_flops) is {_flops(self.limits.max_flops)}",
+                limit="max_flops",
+            )
+
+    def _run_batched(
+        self,
+        split: _BatchedPlan,
+        feeds: Mapping[str, np.ndarray],
+        batched_feeds: Mapping[str, np.ndarray],
+        rows: int,
+        check_deadline: Callable[[], None],
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Run the forward pass once and the per-row part once per row of `batched_feeds`
+        (arrays with a leading axis of `rows`). Returns the values computed once and the
+        stacked values computed per row."""
+        once = self._run(split.once, feeds, check_deadline)
+        stacked = {name: np.empty((rows, *t.shape), t.dtype) for name, t in split.row_types.items()}
+        if split.per_row is not None:
+            shared = {name: once[name] for name in split.boundary}
+            for row in range(rows):
+                check_deadline()
+                row_feeds = dict(shared)
+                for name, value in batched_feeds.items():
+                    row_feeds[name] = value[row]
+                values = self._run(split.per_row, row_feeds, check_deadline)
+                for name, target in stacked.items():
+                    target[row] = values[name]
+        return {name: once[name] for name in split.once_fetch}, stacked
+
+    def gradient_batched(
+        self,
+        graph: Graph,
+        feeds: Mapping[str, np.ndarray],
+        output: str,
+        seeds: np.ndarray,
+        wrt: Sequence[str] = (),
+        fetch: Sequence[str] = (),
+        check_deadline: Callable[[], None] = no_deadline,
+    ) -> GradientResult:
+        """K vector-Jacobian products from one forward pass: `seeds` stacks K seeds along a
+        new leading axis, and each gradient comes back stacked the same way, equal to K
+        separate gradient() calls (values are not stacked)."""
+        wrt_names = _names(graph, wrt, "wrt")
+        fetch_names = _names(graph, fetch, "fetch")
+        feed_types = self._feed_types(graph, feeds)
+        compiled = self._compile_gradient(
+            graph, feed_types, output, wrt_names, fetch_names, check_deadline
+        )
+        combined = compiled.combined
+        if wrt:
+            _require_differentiable(graph, combined)
+        out_type = compiled.output_type
+        rows = self._batched_rows(graph, output, out_type, seeds, "seed")
+        seed_values = seeds.astype(out_type.dtype, copy=False)
+        key = (
+            "batched:gradient",
+            graph.digest,
+            self._signature(feed_types),
+            output,
+            tuple(wrt_names),
+            tuple(fetch_names),
+        )
+        fetched = _order([*fetch_names, *combined.gradients.values()])
+        split = self._compiled(
+            key,
+            lambda: _split_plan(combined.graph, combined.types, fetched, {}, {combined.seed}),
+        )
+        assert isinstance(split, _BatchedPlan)
+        batched = {combined.seed: seed_values}
+        self._check_batched(split, rows, batched, combined.types)
+        once, stacked = self._run_batched(split, feeds, batched, rows, check_deadline)
+
+        def row_values(name: str) -> np.ndarray:
+            return stacked[name] if name in stacked else _stacked(once[name], rows)
+
+        return GradientResult(
+            values={name: once[name] for name in fetch_names},
+            gradients={name: row_values(node) for name, node in combined.gradients.items()},
+            skipped=dict(combined.skipped),
+        )
+
+    def _batched_rows(
+        self, graph: Graph, output: str, out_type: TensorType, seeds: np.ndarray, what: str
+    ) -> int:
+        """K, the leading axis of stacked seeds, once they are checked against the output."""
+        self._checked_type(f"the batched {what}", seeds)
+        if seeds.ndim < 1 or seeds.shape[1:] != out_type.shape:
+            raise GraphError(
+                f"batched {what} has shape {list(seeds.shape)}, but output "
+                f"{graph[output].describe()} has shape {list(out_type.shape)}: a batched {what} "
+                f"has shape [K] + {list(out_type.shape)}",
+                field=what,
+            )
+        if seeds.dtype.kind != "f":
+            raise GraphError(f"{what} must be a float tensor, got {seeds.dtype.name}", field=what)
+        return int(seeds.shape[0])
+
+    # -- Forward mode: Jacobian-vector products -------------------------------------------
+
+    def jvp(
+        self,
+        graph: Graph,
+        feeds: Mapping[str, np.ndarray],
+        output: str,
+        tangents: Mapping[str, np.ndarray],
+        tangents_of: Sequence[str] = (),
+        all_tangents: bool = False,
+        fetch: Sequence[str] = (),
+        batched: bool = False,
+        check_deadline: Callable[[], None] = no_deadline,
+    ) -> JvpResult:
+        """The tangents J·v of `output` (and of `tangents_of`, or of every node with
+        `all_tangents`) along `tangents` (input name -> array of its shape; missing inputs
+        count as zero), and the values of `output` and `fetch`.
+
+        With `batched`, every tangent has a leading axis of K, and every tangent returned is
+        stacked the same way: K products from one forward pass.
+        """
+        check_output(graph, output)
+        feed_types = self._feed_types(graph, feeds)
+        named = _order(
+            [output, *_names(graph, tangents_of, "tangents_of")] if tangents_of else [output]
+        )
+        nodes = list(graph.nodes) if all_tangents else named
+        fetch_names = _order([output, *(_names(graph, fetch, "fetch") if fetch else ())])
+        directions = sorted(tangents)
+        rows = self._check_tangents(graph, feed_types, tangents, batched)
+        key = (
+            "jvp",
+            graph.digest,
+            self._signature(feed_types),
+            output,
+            all_tangents,
+            tuple(named),
+            tuple(fetch_names),
+            tuple(directions),
+        )
+
+        def compile_plan() -> _JvpPlan:
+            needed = graph.ancestors([*nodes, *fetch_names])
+            types = infer_types(graph, feed_types, needed, check_deadline)
+            for name in named:
+                if not types[name].is_float:
+                    what = "output" if name == output else "tangents_of names"
+                    raise GraphError(
+                        f"{what} {graph[name].describe()} is {types[name].dtype.name}, which "
+                        "has no tangent; only float32 and float64 nodes do",
+                        node=name,
+                        op=graph[name].op,
+                        field="output" if name == output else "tangents_of",
+                    )
+            forward = jvp_graph(graph, types, nodes, directions, check_deadline)
+            roots = [*fetch_names, *forward.tangents.values()]
+            simple = simplify(forward.graph, forward.types, roots, check_deadline)
+            holders = {name: simple.name_of(node) for name, node in forward.tangents.items()}
+            fetched = frozenset([*fetch_names, *holders.values()])
+            plan = Plan(simple.graph, simple.types, set(fetched), simple.renamed)
+            self._check_plan(plan, simple.types)
+            constant_feeds = tuple(
+                (name, np.zeros(t.shape, t.dtype) if name in forward.zeros else _ones(t))
+                for name in (*forward.zeros, *forward.ones)
+                for t in [forward.types[name]]
+            )
+            return _JvpPlan(
+                plan,
+                simple.graph,
+                simple.types,
+                dict(simple.renamed),
+                fetched,
+                holders,
+                dict(forward.directions),
+                constant_feeds,
+                dict(forward.skipped),
+            )
+
+        compiled = self._compiled(key, compile_plan)
+        assert isinstance(compiled, _JvpPlan)
+        run_feeds = {**feeds, **dict(compiled.constant_feeds)}
+        cast = {
+            compiled.directions[name]: tangents[name].astype(feed_types[name].dtype, copy=False)
+            for name in directions
+        }
+        if not batched:
+            values = self._run(compiled.plan, {**run_feeds, **cast}, check_deadline)
+            return JvpResult(
+                values={name: values[name] for name in fetch_names},
+                tangents={name: values[node] for name, node in compiled.tangents.items()},
+                skipped=dict(compiled.skipped),
+            )
+        split_key = ("batched:jvp", *key[1:])
+        split = self._compiled(
+            split_key,
+            lambda: _split_plan(
+                compiled.graph,
+                compiled.types,
+                sorted(compiled.fetched),
+                compiled.aliases,
+                set(compiled.directions.values()),
+            ),
+        )
+        assert isinstance(split, _BatchedPlan)
+        self._check_batched(split, rows, cast, compiled.types)
+        once, stacked = self._run_batched(split, run_feeds, cast, rows, check_deadline)
+
+        def row_values(name: str) -> np.ndarray:
+            return stacked[name] if name in stacked else _stacked(once[name], rows)
+
+        return JvpResult(
+            values={name: once[name] for name in fetch_names},
+            tangents={name: row_values(node) for name, node in compiled.tangents.items()},
+            skipped=dict(compiled.skipped),
+        )
+
+    def _check_tangents(
+        self,
+        graph: Graph,
+        feed_types: Mapping[str, TensorType],
+        tangents: Mapping[str, np.ndarray],
+        batched: bool,
+    ) -> int:
+        """GraphError naming the input unless every tangent is a float tensor of its float
+        input's shape (with a leading axis of K, the same for all, when batched); returns K
+        (1 when not batched)."""
+        rows: int | None = None
+        for name, value in tangents.items():
+            node = graph.nodes.get(name)
+            if name not in feed_types or node is None or node.op != "input":
+                hint = did_you_mean(name, feed_types) if node is None else ""
+                what = "no node" if node is None else f"{node.describe()}, which is not an input"
+                raise GraphError(
+                    f"tangents names {name!r}: the graph has {what} fed there{hint}; tangents "
+                    "are given for float inputs",
+                    node=name if node is not None else None,
+                    field="tangents",
+                )
+            input_type = feed_types[name]
+            if not input_type.is_float:
+                raise GraphError(
+                    f"tangent for input {name!r}: the input is {input_type.dtype.name}, which is "
+                    "not differentiable (only float inputs take tangents)",
+                    node=name,
+                    op="input",
+                    field="tangents",
+                )
+            self._checked_type(f"tangent {name!r}", value)
+            shape = tuple(value.shape[1:]) if batched else tuple(value.shape)
+            if (batched and value.ndim < 1) or shape != input_type.shape:
+                expected = ("[K] + " if batched else "") + str(list(input_type.shape))
+                raise GraphError(
+                    f"tangent for input {name!r} has shape {list(value.shape)}, but it must have "
+                    f"shape {expected} (the input is {input_type})",
+                    node=name,
+                    op="input",
+                    field="tangents",
+                )
+            if value.dtype.kind != "f":
+                raise GraphError(
+                    f"tangent for input {name!r} is {value.dtype.name}; a tangent must be a "
+                    "float tensor",
+                    node=name,
+                    op="input",
+                    field="tangents",
+                )
+            if batched:
+                if rows is not None and value.shape[0] != rows:
+                    raise GraphError(
+                        f"batched tangents disagree on K: {rows} rows, but {value.shape[0]} for "
+                        f"input {name!r}",
+                        node=name,
+                        field="tangents",
+                    )
+                rows = int(value.shape[0])
+        if batched and rows is None:
+            raise GraphError(
+                "batched tangents need at least one tangent (K is its leading axis)",
+                field="tangents",
+            )
+        return 1 if rows is None else rows
+
+    # -- Jacobians ------------------------------------------------------------------------
+
+    def jacobian(
+        self,
+        graph: Graph,
+        feeds: Mapping[str, np.ndarray],
+        output: str,
+        wrt: Sequence[str] = (),
+        mode: str = "auto",
+        check_deadline: Callable[[], None] = no_deadline,
+    ) -> JacobianResult:
+        """d(output)/d(input) for each float input of `wrt` (every float input when empty),
+        of shape output.shape + input.shape: by reverse mode (one VJP per output element) or
+        forward mode (one JVP per input element), whichever runs fewer unless `mode` says
+        ("reverse" or "forward"), all rows from one forward pass."""
+        check_output(graph, output)
+        feed_types = self._feed_types(graph, feeds)
+        if wrt:
+            names = _names(graph, wrt, "wrt")
+            for name in names:
+                node = graph[name]
+                if node.op != "input" or name not in feed_types:
+                    raise GraphError(
+                        f"wrt names {node.describe()}: a Jacobian is taken with respect to "
+                        "input nodes",
+                        node=name,
+                        op=node.op,
+                        field="wrt",
+                    )
+                if not feed_types[name].is_float:
+                    raise GraphError(
+                        f"wrt names input {name!r}, which is {feed_types[name].dtype.name} and "
+                        "has no derivative: feed it a float value",
+                        node=name,
+                        op="input",
+                        field="wrt",
+                    )
+        else:
+            names = [n for n in graph.nodes if n in feed_types and feed_types[n].is_float]
+        types = infer_types(graph, feed_types, graph.ancestors([output]), check_deadline)
+        out_type = types[output]
+        if not out_type.is_float:
+            raise GraphError(
+                f"output {graph[output].describe()} is {out_type.dtype.name}, which is not "
+                "differentiable; differentiate a float32 or float64 node",
+                node=output,
+                op=graph[output].op,
+                field="output",
+            )
+        in_sizes = {name: feed_types[name].size for name in names}
+        if mode == "auto":
+            mode = "reverse" if out_type.size <= sum(in_sizes.values()) else "forward"
+        jacobians: dict[str, np.ndarray] = {}
+        if not names:
+            return JacobianResult(jacobians, mode, 0)
+        if mode == "reverse":
+            rows = out_type.size
+            seeds = np.eye(rows, dtype=out_type.dtype).reshape((rows, *out_type.shape))
+            result = self.gradient_batched(
+                graph, feeds, output, seeds, names, [output], check_deadline
+            )
+            for name in names:
+                in_type = feed_types[name]
+                dtype = np.result_type(out_type.dtype, in_type.dtype)
+                block = result.gradients[name].reshape(out_type.shape + in_type.shape)
+                jacobians[name] = block.astype(dtype, copy=False)
+            return JacobianResult(jacobians, mode, rows)
+        rows = sum(in_sizes.values())
+        tangents = {}
+        offset = 0
+        for name in names:
+            in_type = feed_types[name]
+            tangent = np.zeros((rows, in_type.size), in_type.dtype)
+            tangent[offset : offset + in_type.size] = np.eye(in_type.size, dtype=in_type.dtype)
+            tangents[name] = tangent.reshape((rows, *in_type.shape))
+            offset += in_type.size
+        forward = self.jvp(
+            graph, feeds, output, tangents, batched=True, check_deadline=check_deadline
+        )
+        stacked = forward.tangents[output].reshape(rows, out_type.size)
+        offset = 0
+        for name in names:
+            in_type = feed_types[name]
+            block = stacked[offset : offset + in_type.size].T
+            dtype = np.result_type(out_type.dtype, in_type.dtype)
+            jacobians[name] = np.ascontiguousarray(
+                block.reshape(out_type.shape + in_type.shape), dtype=dtype
+            )
+            offset += in_type.size
+        return JacobianResult(jacobians, mode, rows)
 
     @staticmethod
     def _seed_value(

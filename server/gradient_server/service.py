@@ -85,6 +85,8 @@ class GradientServicer:
                 self._method("CheckGradient", self._check_gradient),
                 self._method("GradientGraph", self._gradient_graph),
                 self._method("HessianVectorProduct", self._hvp),
+                self._method("JacobianVectorProduct", self._jvp),
+                self._method("Jacobian", self._jacobian),
             )
         }
         handlers["ListOps"] = grpc.unary_unary_rpc_method_handler(self._list_ops_handler)
@@ -185,11 +187,38 @@ class GradientServicer:
     def _gradient(self, request: WireMessage, call: Call) -> WireMessage:
         graph = self.graph_of(request, call)
         fields = request.fields
+        if fields.batched_seed:
+            return self._gradient_batched(request, call, graph)
         result = self.engine.gradient(
             graph,
             request.tensors.get("inputs", {}),
             fields.output,
             request.tensors.get("seed"),
+            fields.wrt,
+            fields.fetch,
+            call.check,
+        )
+        response = service_pb2.GradientResponse(
+            skipped=_skipped(result.skipped), graph_digest=graph.digest
+        )
+        return WireMessage(
+            response, tensors={"values": result.values, "gradients": result.gradients}
+        )
+
+    def _gradient_batched(self, request: WireMessage, call: Call, graph: Graph) -> WireMessage:
+        fields = request.fields
+        seeds = request.tensors.get("seed")
+        if seeds is None:
+            raise GraphError(
+                "batched_seed is set but no seed was sent: send K seeds stacked along a new "
+                "leading axis",
+                field="seed",
+            )
+        result = self.engine.gradient_batched(
+            graph,
+            request.tensors.get("inputs", {}),
+            fields.output,
+            seeds,
             fields.wrt,
             fields.fetch,
             call.check,
@@ -270,6 +299,53 @@ class GradientServicer:
         )
         response = service_pb2.HessianVectorProductResponse(graph_digest=graph.digest)
         return WireMessage(response, tensors={"products": products})
+
+    def _jvp(self, request: WireMessage, call: Call) -> WireMessage:
+        graph = self.graph_of(request, call)
+        fields = request.fields
+        result = self.engine.jvp(
+            graph,
+            request.tensors.get("inputs", {}),
+            fields.output,
+            request.tensors.get("tangents", {}),
+            fields.tangents_of,
+            fields.all_tangents,
+            fields.fetch,
+            fields.batched_tangents,
+            call.check,
+        )
+        response = service_pb2.JacobianVectorProductResponse(
+            skipped=_skipped(result.skipped), graph_digest=graph.digest
+        )
+        return WireMessage(response, tensors={"values": result.values, "tangents": result.tangents})
+
+    def _jacobian(self, request: WireMessage, call: Call) -> WireMessage:
+        graph = self.graph_of(request, call)
+        fields = request.fields
+        if fields.mode not in _JACOBIAN_MODES:
+            raise GraphError(f"unknown Jacobian mode {fields.mode}", field="mode")
+        result = self.engine.jacobian(
+            graph,
+            request.tensors.get("inputs", {}),
+            fields.output,
+            fields.wrt,
+            _JACOBIAN_MODES[fields.mode],
+            call.check,
+        )
+        response = service_pb2.JacobianResponse(
+            mode=_JACOBIAN_MODE_NUMBERS[result.mode],
+            products=result.products,
+            graph_digest=graph.digest,
+        )
+        return WireMessage(response, tensors={"jacobians": result.jacobians})
+
+
+_JACOBIAN_MODES = {
+    service_pb2.JACOBIAN_MODE_AUTO: "auto",
+    service_pb2.JACOBIAN_MODE_REVERSE: "reverse",
+    service_pb2.JACOBIAN_MODE_FORWARD: "forward",
+}
+_JACOBIAN_MODE_NUMBERS = {name: number for number, name in _JACOBIAN_MODES.items()}
 
 
 def _skipped(skipped: dict[str, str]) -> list[service_pb2.SkippedNode]:

@@ -14,6 +14,12 @@ class PayloadForm(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PAYLOAD_FORM_RAW: _ClassVar[PayloadForm]
     PAYLOAD_FORM_LISTS: _ClassVar[PayloadForm]
 
+class JacobianMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    JACOBIAN_MODE_AUTO: _ClassVar[JacobianMode]
+    JACOBIAN_MODE_REVERSE: _ClassVar[JacobianMode]
+    JACOBIAN_MODE_FORWARD: _ClassVar[JacobianMode]
+
 class StepKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     STEP_KIND_GRADIENT: _ClassVar[StepKind]
@@ -28,6 +34,9 @@ class ChunkTarget(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CHUNK_TARGET_GRADIENT: _ClassVar[ChunkTarget]
 PAYLOAD_FORM_RAW: PayloadForm
 PAYLOAD_FORM_LISTS: PayloadForm
+JACOBIAN_MODE_AUTO: JacobianMode
+JACOBIAN_MODE_REVERSE: JacobianMode
+JACOBIAN_MODE_FORWARD: JacobianMode
 STEP_KIND_GRADIENT: StepKind
 STEP_KIND_FORWARD: StepKind
 CHUNK_TARGET_UNSPECIFIED: ChunkTarget
@@ -73,7 +82,7 @@ class ForwardResponse(_message.Message):
     def __init__(self, values: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., graph_digest: _Optional[str] = ...) -> None: ...
 
 class GradientRequest(_message.Message):
-    __slots__ = ("graph", "inputs", "output", "seed", "wrt", "fetch", "response_payload", "graph_digest")
+    __slots__ = ("graph", "inputs", "output", "seed", "wrt", "fetch", "response_payload", "graph_digest", "batched_seed")
     class InputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -89,6 +98,7 @@ class GradientRequest(_message.Message):
     FETCH_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     GRAPH_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    BATCHED_SEED_FIELD_NUMBER: _ClassVar[int]
     graph: _graph_pb2.Graph
     inputs: _containers.MessageMap[str, _tensor_pb2.Tensor]
     output: str
@@ -97,7 +107,8 @@ class GradientRequest(_message.Message):
     fetch: _containers.RepeatedScalarFieldContainer[str]
     response_payload: PayloadForm
     graph_digest: str
-    def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., inputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., output: _Optional[str] = ..., seed: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., wrt: _Optional[_Iterable[str]] = ..., fetch: _Optional[_Iterable[str]] = ..., response_payload: _Optional[_Union[PayloadForm, str]] = ..., graph_digest: _Optional[str] = ...) -> None: ...
+    batched_seed: bool
+    def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., inputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., output: _Optional[str] = ..., seed: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., wrt: _Optional[_Iterable[str]] = ..., fetch: _Optional[_Iterable[str]] = ..., response_payload: _Optional[_Union[PayloadForm, str]] = ..., graph_digest: _Optional[str] = ..., batched_seed: _Optional[bool] = ...) -> None: ...
 
 class SkippedNode(_message.Message):
     __slots__ = ("name", "reason")
@@ -332,6 +343,114 @@ class HessianVectorProductResponse(_message.Message):
     products: _containers.MessageMap[str, _tensor_pb2.Tensor]
     graph_digest: str
     def __init__(self, products: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., graph_digest: _Optional[str] = ...) -> None: ...
+
+class JacobianVectorProductRequest(_message.Message):
+    __slots__ = ("graph", "inputs", "output", "tangents", "tangents_of", "all_tangents", "fetch", "batched_tangents", "response_payload", "graph_digest")
+    class InputsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    class TangentsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    GRAPH_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    TANGENTS_FIELD_NUMBER: _ClassVar[int]
+    TANGENTS_OF_FIELD_NUMBER: _ClassVar[int]
+    ALL_TANGENTS_FIELD_NUMBER: _ClassVar[int]
+    FETCH_FIELD_NUMBER: _ClassVar[int]
+    BATCHED_TANGENTS_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    graph: _graph_pb2.Graph
+    inputs: _containers.MessageMap[str, _tensor_pb2.Tensor]
+    output: str
+    tangents: _containers.MessageMap[str, _tensor_pb2.Tensor]
+    tangents_of: _containers.RepeatedScalarFieldContainer[str]
+    all_tangents: bool
+    fetch: _containers.RepeatedScalarFieldContainer[str]
+    batched_tangents: bool
+    response_payload: PayloadForm
+    graph_digest: str
+    def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., inputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., output: _Optional[str] = ..., tangents: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., tangents_of: _Optional[_Iterable[str]] = ..., all_tangents: _Optional[bool] = ..., fetch: _Optional[_Iterable[str]] = ..., batched_tangents: _Optional[bool] = ..., response_payload: _Optional[_Union[PayloadForm, str]] = ..., graph_digest: _Optional[str] = ...) -> None: ...
+
+class JacobianVectorProductResponse(_message.Message):
+    __slots__ = ("values", "tangents", "skipped", "graph_digest")
+    class ValuesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    class TangentsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    TANGENTS_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.MessageMap[str, _tensor_pb2.Tensor]
+    tangents: _containers.MessageMap[str, _tensor_pb2.Tensor]
+    skipped: _containers.RepeatedCompositeFieldContainer[SkippedNode]
+    graph_digest: str
+    def __init__(self, values: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., tangents: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., skipped: _Optional[_Iterable[_Union[SkippedNode, _Mapping]]] = ..., graph_digest: _Optional[str] = ...) -> None: ...
+
+class JacobianRequest(_message.Message):
+    __slots__ = ("graph", "inputs", "output", "wrt", "mode", "response_payload", "graph_digest")
+    class InputsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    GRAPH_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    WRT_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    graph: _graph_pb2.Graph
+    inputs: _containers.MessageMap[str, _tensor_pb2.Tensor]
+    output: str
+    wrt: _containers.RepeatedScalarFieldContainer[str]
+    mode: JacobianMode
+    response_payload: PayloadForm
+    graph_digest: str
+    def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., inputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., output: _Optional[str] = ..., wrt: _Optional[_Iterable[str]] = ..., mode: _Optional[_Union[JacobianMode, str]] = ..., response_payload: _Optional[_Union[PayloadForm, str]] = ..., graph_digest: _Optional[str] = ...) -> None: ...
+
+class JacobianResponse(_message.Message):
+    __slots__ = ("jacobians", "mode", "products", "graph_digest")
+    class JacobiansEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    JACOBIANS_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    PRODUCTS_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    jacobians: _containers.MessageMap[str, _tensor_pb2.Tensor]
+    mode: JacobianMode
+    products: int
+    graph_digest: str
+    def __init__(self, jacobians: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., mode: _Optional[_Union[JacobianMode, str]] = ..., products: _Optional[int] = ..., graph_digest: _Optional[str] = ...) -> None: ...
 
 class SessionRequest(_message.Message):
     __slots__ = ("start", "steps", "chunks")

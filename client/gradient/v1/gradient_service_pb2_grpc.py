@@ -80,6 +80,16 @@ class GradientServiceStub:
                 request_serializer=gradient_dot_v1_dot_gradient__service__pb2.HessianVectorProductRequest.SerializeToString,
                 response_deserializer=gradient_dot_v1_dot_gradient__service__pb2.HessianVectorProductResponse.FromString,
                 _registered_method=True)
+        self.JacobianVectorProduct = channel.unary_unary(
+                '/gradient.v1.GradientService/JacobianVectorProduct',
+                request_serializer=gradient_dot_v1_dot_gradient__service__pb2.JacobianVectorProductRequest.SerializeToString,
+                response_deserializer=gradient_dot_v1_dot_gradient__service__pb2.JacobianVectorProductResponse.FromString,
+                _registered_method=True)
+        self.Jacobian = channel.unary_unary(
+                '/gradient.v1.GradientService/Jacobian',
+                request_serializer=gradient_dot_v1_dot_gradient__service__pb2.JacobianRequest.SerializeToString,
+                response_deserializer=gradient_dot_v1_dot_gradient__service__pb2.JacobianResponse.FromString,
+                _registered_method=True)
         self.Session = channel.stream_stream(
                 '/gradient.v1.GradientService/Session',
                 request_serializer=gradient_dot_v1_dot_gradient__service__pb2.SessionRequest.SerializeToString,
@@ -155,6 +165,26 @@ class GradientServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def JacobianVectorProduct(self, request, context):
+        """Computes the Jacobian-vector product J·v (forward mode): the tangent of
+        the output, and of other nodes on request, when the inputs move along the
+        given tangents. Exact, with no seed and no scalar output needed; derived by
+        transposing the reverse pass (the map u -> vjp(u) is linear in u).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Jacobian(self, request, context):
+        """Computes the Jacobian of an output with respect to inputs in one call: by
+        reverse mode (one vector-Jacobian product per output element) or forward
+        mode (one Jacobian-vector product per input element), whichever runs fewer,
+        as one batched evaluation whose forward pass runs once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Session(self, request_iterator, context):
         """Runs many steps on one graph over one stream, for loops such as training:
         the first message fixes the graph, the output, wrt and fetch (SessionStart),
@@ -201,6 +231,16 @@ def add_GradientServiceServicer_to_server(servicer, server):
                     servicer.HessianVectorProduct,
                     request_deserializer=gradient_dot_v1_dot_gradient__service__pb2.HessianVectorProductRequest.FromString,
                     response_serializer=gradient_dot_v1_dot_gradient__service__pb2.HessianVectorProductResponse.SerializeToString,
+            ),
+            'JacobianVectorProduct': grpc.unary_unary_rpc_method_handler(
+                    servicer.JacobianVectorProduct,
+                    request_deserializer=gradient_dot_v1_dot_gradient__service__pb2.JacobianVectorProductRequest.FromString,
+                    response_serializer=gradient_dot_v1_dot_gradient__service__pb2.JacobianVectorProductResponse.SerializeToString,
+            ),
+            'Jacobian': grpc.unary_unary_rpc_method_handler(
+                    servicer.Jacobian,
+                    request_deserializer=gradient_dot_v1_dot_gradient__service__pb2.JacobianRequest.FromString,
+                    response_serializer=gradient_dot_v1_dot_gradient__service__pb2.JacobianResponse.SerializeToString,
             ),
             'Session': grpc.stream_stream_rpc_method_handler(
                     servicer.Session,
@@ -386,6 +426,60 @@ class GradientService:
             '/gradient.v1.GradientService/HessianVectorProduct',
             gradient_dot_v1_dot_gradient__service__pb2.HessianVectorProductRequest.SerializeToString,
             gradient_dot_v1_dot_gradient__service__pb2.HessianVectorProductResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def JacobianVectorProduct(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradient.v1.GradientService/JacobianVectorProduct',
+            gradient_dot_v1_dot_gradient__service__pb2.JacobianVectorProductRequest.SerializeToString,
+            gradient_dot_v1_dot_gradient__service__pb2.JacobianVectorProductResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Jacobian(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradient.v1.GradientService/Jacobian',
+            gradient_dot_v1_dot_gradient__service__pb2.JacobianRequest.SerializeToString,
+            gradient_dot_v1_dot_gradient__service__pb2.JacobianResponse.FromString,
             options,
             channel_credentials,
             insecure,
