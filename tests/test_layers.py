@@ -257,6 +257,10 @@ def test_jax_float32(client, jax, gj):
     assert value.dtype == jnp.float32 and grad.dtype == jnp.float32
     assert_close(value, np.exp([0.5, 1.5]).sum(), rtol=1e-7)
     assert_close(grad, np.exp([0.5, 1.5]), rtol=1e-7)
+    jax.config.update("jax_enable_x64", True)  # the same inputs: float64 out, now
+    value = jax.jit(declared)(with_x32)
+    assert value.dtype == jnp.float64
+    assert_close(value, np.exp(np.float32([0.5, 1.5]).astype(np.float64)).sum())
 
 
 def test_jax_integer_inputs_are_fed_not_differentiated(client, jax, gj):

@@ -105,8 +105,9 @@ class GraphFunction:
         if len(set(self.inputs)) != len(self.inputs):
             raise ValueError(f"an input is named twice in {list(self.inputs)}")
         self.timeout = timeout
-        # The output's shape and dtype for each input signature ((shape, dtype) per input).
-        self._shapes: dict[tuple[tuple[tuple[int, ...], str], ...], jax.ShapeDtypeStruct] = {}
+        # The output's shape and dtype, as the service computes it, for each input signature
+        # ((shape, dtype) per input).
+        self._shapes: dict[tuple[tuple[tuple[int, ...], str], ...], tuple[Any, np.dtype]] = {}
         apply = jax.custom_vjp(self._primal)
         apply.defvjp(self._forward, self._backward)
         self._apply = apply
@@ -124,11 +125,11 @@ class GraphFunction:
 
     def _primal(self, *args: jax.Array) -> jax.Array:
         if not any(isinstance(arg, jax.core.Tracer) for arg in args):
-            value = self._host_forward([arg.ndim for arg in args], *args)
-            self._shapes.setdefault(_signature(args), _struct(value))
-            return jnp.asarray(value)
+            value = self._host_forward(None, [arg.ndim for arg in args], *args)
+            self._shapes.setdefault(_signature(args), (value.shape, value.dtype))
+            return jnp.asarray(value, jax.dtypes.canonicalize_dtype(value.dtype))
         result = self._result_shape(args)
-        host = functools.partial(self._host_forward, [arg.ndim for arg in args])
+        host = functools.partial(self._host_forward, result.dtype, [arg.ndim for arg in args])
         return jax.pure_callback(host, result, *args, vmap_method="expand_dims")
 
     def _forward(self, *args: jax.Array) -> tuple[jax.Array, tuple[jax.Array, ...]]:
@@ -154,24 +155,27 @@ class GraphFunction:
         return tuple(results)
 
     def _result_shape(self, args: Sequence[jax.Array]) -> jax.ShapeDtypeStruct:
-        """The output's shape and dtype for inputs of these shapes and dtypes: asked of the
-        service once per signature, by a Forward on zeros."""
+        """The output's shape and dtype (as JAX represents it) for inputs of these shapes and
+        dtypes: asked of the service once per signature, by a Forward on zeros."""
         key = _signature(args)
         if key not in self._shapes:
             zeros = {
                 name: np.zeros(arg.shape, arg.dtype)
                 for name, arg in zip(self.inputs, args, strict=True)
             }
-            value = self.client.forward(self.graph, zeros, [self.output], timeout=self.timeout)
-            self._shapes[key] = _struct(value[self.output])
-        return self._shapes[key]
+            r = self.client.forward(self.graph, zeros, [self.output], timeout=self.timeout)
+            self._shapes[key] = (r[self.output].shape, r[self.output].dtype)
+        shape, dtype = self._shapes[key]
+        return jax.ShapeDtypeStruct(shape, jax.dtypes.canonicalize_dtype(dtype))
 
     # -- the host side: numpy in, numpy out, one service call per example ---------------
 
-    def _host_forward(self, ndims: list[int], *arrays: Any) -> np.ndarray:
-        """The output for inputs that may carry leading batch axes (under vmap)."""
+    def _host_forward(self, dtype: Any, ndims: list[int], *arrays: Any) -> np.ndarray:
+        """The output, in `dtype` (None: the service's), for inputs that may carry leading
+        batch axes (under vmap)."""
         batch, examples = _examples([np.asarray(a) for a in arrays], ndims)
         feeds = [dict(zip(self.inputs, example, strict=True)) for example in examples]
+        values: list[np.ndarray]
         if len(feeds) == 1:
             r = self.client.forward(self.graph, feeds[0], [self.output], timeout=self.timeout)
             values = [r[self.output]]
@@ -181,7 +185,7 @@ class GraphFunction:
             ) as session:
                 futures = [session.forward_future(feed) for feed in feeds]
                 values = [future.result()[self.output] for future in futures]
-        return _stack(batch, values, jax.dtypes.canonicalize_dtype(values[0].dtype))
+        return _stack(batch, values, dtype or values[0].dtype)
 
     def _host_vjp(self, ndims: list[int], floats: list[int], *arrays: Any) -> list[np.ndarray]:
         """The cotangents of the float inputs (`floats`, by position) for a cotangent of the
@@ -228,12 +232,6 @@ def _bind(names: Sequence[str], arrays: Sequence[Any], named: Mapping[str, Any])
 
 def _signature(args: Sequence[Any]) -> tuple[tuple[tuple[int, ...], str], ...]:
     return tuple((tuple(arg.shape), np.dtype(arg.dtype).str) for arg in args)
-
-
-def _struct(value: Any) -> jax.ShapeDtypeStruct:
-    """The shape and dtype JAX gives an array like `value` (float64 is float32 without x64)."""
-    array = np.asarray(value)
-    return jax.ShapeDtypeStruct(array.shape, jax.dtypes.canonicalize_dtype(array.dtype))
 
 
 def _examples(arrays: list[np.ndarray], ndims: list[int]) -> tuple[tuple[int, ...], list[list]]:
