@@ -197,9 +197,20 @@ def test_jax_vmap_of_grad_matches_plain_vmap(client, jax, gj):
     assert_close(got, grid(lambda W, x: jnp.sum((W @ x) ** 2))(Ws, xs))
 
 
-def test_jax_vmap_over_cotangents(client, jax, gj):
-    """A vector output's VJP per row of a batch of cotangents: the Jacobian, row by row."""
+def test_jax_vmap_over_cotangents(client, jax, gj, monkeypatch):
+    """A vector output's VJP per row of a batch of cotangents: the Jacobian, row by row, in
+    one Gradient call with batched seeds (one per combination of the inputs when they are
+    batched too)."""
     jnp = jax.numpy
+    calls = []
+    gradient = client.gradient
+
+    def spy(*args, **kwargs):
+        seed = np.asarray(args[4] if len(args) > 4 else kwargs["seed"])
+        calls.append((seed.shape, kwargs.get("batched_seed", False)))
+        return gradient(*args, **kwargs)
+
+    monkeypatch.setattr(client, "gradient", spy)
     g = lecture_graph()
     g.tanh(g["q"], name="h")
     layer = gj.function(client, g, "h", inputs=["W", "x"])
@@ -215,10 +226,25 @@ def test_jax_vmap_over_cotangents(client, jax, gj):
     cotangents = jnp.asarray(rng.standard_normal((5, 3)))
     expected = jax.vmap(plain_vjp)(cotangents)
     for transform in (jax.vmap(vjp), jax.jit(jax.vmap(vjp))):
+        calls.clear()
         dW, dx = transform(cotangents)
         assert dW.shape == (5, 3, 2) and dx.shape == (5, 2)
         assert_close(dW, expected[0])
         assert_close(dx, expected[1])
+        assert calls == [((5, 3), True)]  # the five VJPs from one forward pass
+
+    # over a batch of x (one call each), the VJPs of each for the five cotangents
+    xs = jnp.asarray(rng.standard_normal((4, 2)))
+
+    def rows(f):
+        return jax.vmap(lambda x: jax.vmap(jax.vjp(f, W, x)[1])(cotangents))
+
+    calls.clear()
+    got = jax.jit(rows(layer))(xs)
+    assert calls == [((5, 3), True)] * 4
+    for a, b in zip(got, rows(plain)(xs), strict=True):
+        assert a.shape[:2] == (4, 5)
+        assert_close(a, b)
     # jacrev is a vmap over the rows of the identity
     for got, want in zip(
         jax.jacrev(layer, argnums=(0, 1))(W, x),

@@ -23,10 +23,13 @@ It is a ``jax.custom_vjp`` function: its forward pass is a ``Forward`` call, and
   service rejects, a limit, a lost server) reaches the caller as JAX's ``JaxRuntimeError``,
   whose message holds the ``GradientError`` (its code and details): JAX does not let a
   callback raise its own exception type.
-- Under ``vmap`` each example is one call to the service, the calls of a batch travelling
-  over one ``Session`` stream (sent ahead, answered in order): the service has no batched
-  cotangents yet (issue 12, item 5), so a batch of N costs N evaluations on the server.
-  Nested ``vmap`` and ``vmap`` over cotangents (``jax.vmap(vjp_fun)``) work the same way.
+- Under ``vmap`` over cotangents (``jax.vmap(vjp_fun)``, and so ``jax.jacrev``) the VJPs
+  are one ``Gradient`` call with batched seeds (``batched_seed=True``): one forward pass on
+  the server for all of them. Under ``vmap`` over inputs each example is one call, the calls
+  of a batch travelling over one ``Session`` stream (sent ahead, answered in order), as the
+  service has no per-example batching yet (issue 12, item 3): a batch of N costs N
+  evaluations on the server. Both combine under nested ``vmap``s: one batched-seed call
+  per combination of the inputs.
 
 The VJP is not differentiable again (``jax.hessian`` of a layer raises); the service's own
 ``client.hvp`` and ``client.hessian`` give second derivatives.
@@ -189,27 +192,68 @@ class GraphFunction:
 
     def _host_vjp(self, ndims: list[int], floats: list[int], *arrays: Any) -> list[np.ndarray]:
         """The cotangents of the float inputs (`floats`, by position) for a cotangent of the
-        output and the inputs, which may carry leading batch axes (under vmap)."""
-        batch, examples = _examples([np.asarray(a) for a in arrays], ndims)
+        output and the inputs, which may carry leading batch axes (under vmap).
+
+        The cotangents along batch axes where no input varies (vmap over cotangents) go in
+        one Gradient call as batched seeds, sharing its forward pass; each combination of
+        the inputs is one call (over a Session when there are several and no batched
+        seeds)."""
+        cotangent, *inputs = (np.asarray(a) for a in arrays)
+        leading = [
+            a.shape[: a.ndim - nd] for a, nd in zip((cotangent, *inputs), ndims, strict=True)
+        ]
+        batch = tuple(np.broadcast_shapes(*leading))
+        seed_axes = [
+            axis
+            for axis, size in enumerate(batch)
+            if size > 1 and all(shape[axis] == 1 for shape in leading[1:])
+        ]
+        seed_sizes = tuple(batch[axis] for axis in seed_axes)
+        call_axes = [axis for axis in range(len(batch)) if axis not in seed_axes]
+        calls = []  # (where in the batch, the feeds, the seed) of each call
+        for position in itertools.product(*(range(batch[axis]) for axis in call_axes)):
+            where: list[Any] = [slice(None)] * len(batch)
+            for axis, i in zip(call_axes, position, strict=True):
+                where[axis] = i
+            feeds = {
+                name: _pick(array, shape, where, keep=False)
+                for name, array, shape in zip(self.inputs, inputs, leading[1:], strict=True)
+            }
+            seed = _pick(cotangent, leading[0], where, keep=True)
+            if seed_axes:
+                seed = seed.reshape((-1, *seed.shape[len(seed_axes) :]))
+            calls.append((tuple(where), feeds, seed))
+
         wrt = [self.inputs[i] for i in floats]
-        steps = [(dict(zip(self.inputs, rest, strict=True)), seed) for seed, *rest in examples]
-        if len(steps) == 1:
-            feeds, seed = steps[0]
-            r = self.client.gradient(
-                self.graph, self.output, feeds, wrt, seed, fetch=[self.output], timeout=self.timeout
-            )
-            results = [r.gradients]
+        if len(calls) == 1 or seed_axes:
+            results = [
+                self.client.gradient(
+                    self.graph,
+                    self.output,
+                    feeds,
+                    wrt,
+                    seed,
+                    fetch=[self.output],
+                    batched_seed=bool(seed_axes),
+                    timeout=self.timeout,
+                ).gradients
+                for _, feeds, seed in calls
+            ]
         else:
             with self.client.session(
                 self.graph, self.output, wrt, fetch=[self.output], timeout=self.timeout
             ) as session:
-                futures = [session.gradient_future(feeds, seed) for feeds, seed in steps]
+                futures = [session.gradient_future(feeds, seed) for _, feeds, seed in calls]
                 results = [future.result().gradients for future in futures]
-        dtypes = [np.asarray(arrays[1 + i]).dtype for i in floats]
-        return [
-            _stack(batch, [gradients[name] for gradients in results], dtype)
-            for name, dtype in zip(wrt, dtypes, strict=True)
-        ]
+
+        grads = []
+        for i, name in zip(floats, wrt, strict=True):
+            shape = inputs[i].shape[len(leading[1 + i]) :]
+            grad = np.empty(batch + shape, inputs[i].dtype)
+            for (at, _, _), gradients in zip(calls, results, strict=True):
+                grad[at] = np.reshape(gradients[name], seed_sizes + shape)
+            grads.append(grad)
+        return grads
 
 
 def _bind(names: Sequence[str], arrays: Sequence[Any], named: Mapping[str, Any]) -> list[Any]:
@@ -251,6 +295,17 @@ def _examples(arrays: list[np.ndarray], ndims: list[int]) -> tuple[tuple[int, ..
             ]
         )
     return batch, examples
+
+
+def _pick(array: np.ndarray, leading: tuple[int, ...], where: list[Any], keep: bool) -> Any:
+    """The part of `array` (whose leading axes, of sizes `leading`, are batch axes) at
+    `where`: an index on some batch axes, ``slice(None)`` on the others, which are kept if
+    `keep` (else taken at 0: the array does not vary along them)."""
+    index = tuple(
+        (slice(None) if keep else 0) if isinstance(at, slice) else (at if size > 1 else 0)
+        for at, size in zip(where, leading, strict=True)
+    )
+    return array[index]
 
 
 def _stack(batch: tuple[int, ...], values: list[Any], dtype: Any) -> np.ndarray:
