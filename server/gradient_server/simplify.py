@@ -263,8 +263,9 @@ def rewrite(rewriter: _Rewriter, node: Node, node_type: TensorType) -> Node | No
     """A cheaper node computing the same value under the same name, or None:
     a sum over axes of size 1 becomes a reshape; a reshape of a reshape one reshape; a matrix
     product contracting a dimension of size 1 (an outer product) a broadcast product, each
-    element the same single product; a sum_to_shape of x broadcast to a larger shape becomes x times the number of copies summed
-    (the one rule that rounds differently: one product instead of a sum of equal terms)."""
+    element the same single product; a sum_to_shape of x broadcast to a larger shape becomes
+    x times the number of copies summed (the one rule that rounds differently: one product
+    instead of a sum of equal terms)."""
     if node.op == "sum" and node_type.dtype == rewriter.types[node.inputs[0]].dtype:
         if _sums_only_ones(node, rewriter.types[node.inputs[0]]):
             return _emit(rewriter, node, node_type, "reshape", node.inputs, shape=node_type.shape)
