@@ -1015,7 +1015,7 @@ class Engine:
             plan = Plan(simple.graph, simple.types, set(fetched), simple.renamed)
             self._check_plan(plan, simple.types)
             constant_feeds = tuple(
-                (name, np.zeros(t.shape, t.dtype) if name in forward.zeros else _ones(t))
+                (name, _zeros(t) if name in forward.zeros else _ones(t))
                 for name in (*forward.zeros, *forward.ones)
                 for t in [forward.types[name]]
             )
@@ -1251,6 +1251,12 @@ class Engine:
 def _flops(count: int) -> str:
     """A count of flops as a person reads it: 3 significant digits."""
     return f"{count:.3g}"
+
+
+def _zeros(tensor_type: TensorType) -> np.ndarray:
+    """Read-only zeros of a type that hold one element (a zero-stride view): the probes of a
+    forward-mode graph, whose values do not matter and which simplification usually drops."""
+    return np.broadcast_to(np.zeros((), tensor_type.dtype), tensor_type.shape)
 
 
 @functools.lru_cache(maxsize=256)
