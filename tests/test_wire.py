@@ -234,6 +234,16 @@ def plain_part(message):
     return plain
 
 
+def is_int32_map(f) -> bool:
+    """Whether a field is a map<string, int32> (GradientRequest.batch_axes)."""
+    entry = f.message_type
+    return (
+        entry is not None
+        and entry.GetOptions().map_entry
+        and entry.fields_by_name["value"].type == FieldDescriptor.TYPE_INT32
+    )
+
+
 @st.composite
 def messages(draw, message_type):
     """(protobuf message, the same as a WireMessage, the truth of its tensors)."""
@@ -270,6 +280,9 @@ def messages(draw, message_type):
             setattr(truth, f.name, draw(st.sampled_from([v.number for v in f.enum_type.values])))
         elif f.type == FieldDescriptor.TYPE_BOOL:
             setattr(truth, f.name, draw(st.booleans()))
+        elif is_int32_map(f):
+            int32s = st.integers(-(2**31), 2**31 - 1)
+            getattr(truth, f.name).update(draw(st.dictionaries(names, int32s, max_size=3)))
         else:
             raise AssertionError(f"no strategy for {message_type.__name__}.{f.name}")
     sent.fields.CopyFrom(plain_part(truth))

@@ -68,6 +68,19 @@ def _assignment(text: str) -> tuple[str, Any]:
         raise argparse.ArgumentTypeError(f"bad value for {name.strip()!r}: {error}") from None
 
 
+def _batch_axis(text: str) -> tuple[str, int]:
+    """Parse NAME=AXIS (or NAME, axis 0) for --batch."""
+    name, sep, axis = text.partition("=")
+    try:
+        if not name.strip():
+            raise ValueError
+        return name.strip(), int(axis) if sep else 0
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected NAME=AXIS (e.g. X=0) or NAME, got {text!r}"
+        ) from None
+
+
 def _seed(text: str) -> np.ndarray:
     try:
         return np.asarray(_json_value(text), dtype="float64")
@@ -295,6 +308,7 @@ def _cmd_ops(args: argparse.Namespace) -> int:
                         for name, differentiable in zip(op.inputs, op.differentiable, strict=True)
                     ],
                     "variadic": op.variadic,
+                    "batchable": op.batchable,
                     "attrs": [
                         {
                             "name": a.name,
@@ -346,7 +360,14 @@ def _cmd_grad(args: argparse.Namespace) -> int:
     inputs = _inputs(args, file)
     output = _output(args, file)
     with _client(args) as client:
-        result = client.gradient(graph, output, inputs, wrt=args.wrt or None, seed=args.seed)
+        result = client.gradient(
+            graph,
+            output,
+            inputs,
+            wrt=args.wrt or None,
+            seed=args.seed,
+            batch=dict(args.batch) if args.batch else None,
+        )
     order = _ordered(graph, {**result.values, **result.gradients})
     if args.json:
         _print_json(
@@ -668,6 +689,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     grad.add_argument(
         "--wrt", action="append", metavar="NAME", help="only this node's gradient (repeatable)"
+    )
+    grad.add_argument(
+        "--batch",
+        action="append",
+        type=_batch_axis,
+        metavar="NAME=AXIS",
+        help="per-example gradients: the input holds a batch of examples along AXIS "
+        "(default 0); values and gradients are stacked per example (repeatable)",
     )
 
     check = command(

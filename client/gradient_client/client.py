@@ -188,6 +188,9 @@ class OpInfo:
     differentiable: tuple[bool, ...]
     variadic: bool
     attrs: tuple[OpAttr, ...]
+    batchable: bool = False
+    """Whether per-example gradients (``gradient(batch=...)``) vectorize the op with a
+    batching rule; a graph with an op without one runs as a loop over the examples."""
 
 
 def _name(node: NodeLike) -> str:
@@ -228,10 +231,21 @@ def _forward_request(graph: WireGraph, inputs, fetch) -> WireMessage:
 
 
 def _gradient_request(
-    graph: WireGraph, output, inputs, wrt, seed, fetch, batched_seed: bool = False
+    graph: WireGraph,
+    output,
+    inputs,
+    wrt,
+    seed,
+    fetch,
+    batched_seed: bool = False,
+    batch: Mapping[Any, int] | None = None,
 ) -> WireMessage:
     fields = service_pb2.GradientRequest(
-        output=_name(output), wrt=_names(wrt), fetch=_names(fetch), batched_seed=batched_seed
+        output=_name(output),
+        wrt=_names(wrt),
+        fetch=_names(fetch),
+        batched_seed=batched_seed,
+        batch_axes={_name(name): int(axis) for name, axis in (batch or {}).items()},
     )
     tensors: dict[str, Any] = {"inputs": encode_feeds(graph, inputs)}
     if seed is not None:
@@ -436,6 +450,7 @@ def _op_infos(response: service_pb2.ListOpsResponse) -> list[OpInfo]:
             differentiable=tuple(i.differentiable for i in op.inputs),
             variadic=op.variadic,
             attrs=tuple(OpAttr(a.name, a.type, a.required, default(a), a.doc) for a in op.attrs),
+            batchable=op.batchable,
         )
         for op in response.ops
     ]
@@ -706,6 +721,7 @@ class GradientClient:
         *,
         fetch: Sequence[NodeLike] | None = None,
         batched_seed: bool = False,
+        batch: Mapping[NodeLike, int] | None = None,
         timeout: float | None = None,
     ) -> GradientResult:
         """Values and gradients of `output` with respect to `wrt` (every node by default).
@@ -713,11 +729,19 @@ class GradientClient:
         A scalar output's seed defaults to 1; a non-scalar output needs `seed`, an array of
         its shape (the result is then the vector-Jacobian product). With `batched_seed`,
         `seed` stacks K seeds along a new leading axis and every gradient comes back stacked
-        the same way: K vector-Jacobian products from one forward pass. The arrays returned
-        are read-only views of the response.
+        the same way: K vector-Jacobian products from one forward pass.
+
+        With `batch` (input -> axis, e.g. ``{"X": 0, "y": 0}``), per-example gradients, as
+        ``jax.vmap(jax.grad(f), in_axes)``: the graph is evaluated for each slice of those
+        inputs along their axes (the same size B for all), and every value and gradient
+        comes back stacked along a new leading axis of B, a gradient per example for the
+        unbatched inputs (the weights) too. The output must have one element per example,
+        or `seed` stacks B seeds ([B] + the output's shape).
+
+        The arrays returned are read-only views of the response.
         """
         sent = wire_graph(graph)
-        request = _gradient_request(sent, output, inputs, wrt, seed, fetch, batched_seed)
+        request = _gradient_request(sent, output, inputs, wrt, seed, fetch, batched_seed, batch)
         response = self._call_on_graph("Gradient", request, sent, timeout)
         return gradient_result(response.tensors, response.fields.skipped)
 
@@ -1003,11 +1027,12 @@ class AsyncGradientClient:
         *,
         fetch: Sequence[NodeLike] | None = None,
         batched_seed: bool = False,
+        batch: Mapping[NodeLike, int] | None = None,
         timeout: float | None = None,
     ) -> GradientResult:
         """See GradientClient.gradient."""
         sent = wire_graph(graph)
-        request = _gradient_request(sent, output, inputs, wrt, seed, fetch, batched_seed)
+        request = _gradient_request(sent, output, inputs, wrt, seed, fetch, batched_seed, batch)
         response = await self._call_on_graph("Gradient", request, sent, timeout)
         return gradient_result(response.tensors, response.fields.skipped)
 

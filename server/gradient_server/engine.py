@@ -20,6 +20,7 @@ from gradient_client import wire
 
 from .admission import MemoryBudget
 from .autodiff import GradientGraph, directional_derivative, gradient_graph
+from .batching import BatchedGraph, batch_graph
 from .errors import GraphError, LimitExceeded, UnknownGraph, no_deadline
 from .executor import OpTimes, Plan
 from .forward_mode import jvp_graph
@@ -1226,6 +1227,293 @@ class Engine:
             offset += in_type.size
         return JacobianResult(jacobians, mode, rows)
 
+    # -- Per-example gradients (vmap of grad) ---------------------------------------------
+
+    def gradient_per_example(
+        self,
+        graph: Graph,
+        feeds: Mapping[str, np.ndarray],
+        output: str,
+        batch: Mapping[str, int],
+        seed: np.ndarray | None = None,
+        wrt: Sequence[str] = (),
+        fetch: Sequence[str] = (),
+        check_deadline: Callable[[], None] = no_deadline,
+        vectorize: bool = True,
+    ) -> GradientResult:
+        """Per-example values and gradients, as ``jax.vmap(jax.grad(f), in_axes)``: the graph
+        is evaluated for each slice of the inputs named in `batch` along their axes (all of
+        the same size B), the other inputs shared, and every value of `fetch` and gradient
+        with respect to `wrt` comes back stacked along a new leading axis of B (unbatched
+        inputs get one gradient per example too).
+
+        The output must have one element per example (the seed is then 1), or `seed` stacks
+        B seeds ([B] + the output's shape). With `vectorize`, a graph whose ops all have a
+        batching rule (batching.RULES) runs as one batched graph; otherwise, and for other
+        graphs, the examples run one by one through one compiled plan. Both give the same
+        results (bit for bit for elementwise ops; matmul and reductions may sum in another
+        order).
+        """
+        check_output(graph, output)
+        axes, rows = self._batch_axes(graph, feeds, batch)
+        examples = {name: np.moveaxis(feeds[name], axis, 0) for name, axis in axes.items()}
+        first = {**feeds, **{name: _example(value, 0) for name, value in examples.items()}}
+        wrt_names = _names(graph, wrt, "wrt")
+        fetch_names = _names(graph, fetch, "fetch")
+        feed_types = self._feed_types(graph, first)
+        compiled = self._compile_gradient(
+            graph, feed_types, output, wrt_names, fetch_names, check_deadline
+        )
+        if wrt:
+            _require_differentiable(graph, compiled.combined)
+        out_type = compiled.output_type
+        seeds = self._per_example_seeds(graph, output, out_type, seed, rows)
+        if vectorize:
+            batched = self._batched_graph(graph, feed_types, set(axes), rows, check_deadline)
+            if batched.graph is not None:
+                return self._gradient_vectorized(
+                    batched,
+                    feeds,
+                    examples,
+                    output,
+                    out_type,
+                    seeds,
+                    rows,
+                    list(compiled.combined.gradients),
+                    fetch_names,
+                    compiled.combined.skipped,
+                    check_deadline,
+                )
+        self._check_examples(compiled.plan, rows)
+        return self._gradient_loop(
+            graph, feeds, examples, output, seeds, rows, wrt, fetch, check_deadline
+        )
+
+    def batched_graph_for(
+        self,
+        graph: Graph,
+        feeds: Mapping[str, np.ndarray],
+        batch: Mapping[str, int],
+        check_deadline: Callable[[], None] = no_deadline,
+    ) -> BatchedGraph:
+        """The batched graph gradient_per_example would run for these feeds (its `graph` is
+        None, and `missing` names the node, when it would loop over the examples)."""
+        axes, rows = self._batch_axes(graph, feeds, batch)
+        first = {
+            **feeds,
+            **{name: _example(np.moveaxis(feeds[name], axis, 0), 0) for name, axis in axes.items()},
+        }
+        return self._batched_graph(
+            graph, self._feed_types(graph, first), set(axes), rows, check_deadline
+        )
+
+    def _batch_axes(
+        self, graph: Graph, feeds: Mapping[str, np.ndarray], batch: Mapping[str, int]
+    ) -> tuple[dict[str, int], int]:
+        """The batch's axes (normalized) and B, once checked: each name is a fed input, each
+        axis is one of its axes, and every batched input has the same size B >= 1 there."""
+        if not batch:
+            raise GraphError(
+                "per-example gradients need at least one batched input", field="batch_axes"
+            )
+        axes: dict[str, int] = {}
+        rows: int | None = None
+        first = ""
+        for name, axis in sorted(batch.items()):
+            node = graph.nodes.get(name)
+            if node is None or node.op != "input" or name not in feeds:
+                if node is None:
+                    inputs = (n for n, v in graph.nodes.items() if v.op == "input")
+                    what = f"no node{did_you_mean(name, inputs)}"
+                elif node.op != "input":
+                    what = f"{node.describe()}, which is not an input"
+                else:
+                    what = "an input that was not fed"
+                raise GraphError(
+                    f"batch_axes names {name!r}: the graph has {what}; batch axes are given "
+                    "for fed inputs",
+                    node=name if node is not None else None,
+                    field="batch_axes",
+                )
+            value = feeds[name]
+            if not -value.ndim <= axis < value.ndim:
+                raise GraphError(
+                    f"batch axis {axis} of input {name!r} is out of range: the input has shape "
+                    f"{list(value.shape)} ({value.ndim} axes)",
+                    node=name,
+                    op="input",
+                    field="batch_axes",
+                )
+            axis = axis % value.ndim
+            size = int(value.shape[axis])
+            if rows is not None and size != rows:
+                raise GraphError(
+                    f"batched inputs disagree on the batch size: input {name!r} has {size} "
+                    f"along axis {axis} (shape {list(value.shape)}), but input {first!r} has "
+                    f"{rows}",
+                    node=name,
+                    op="input",
+                    field="batch_axes",
+                )
+            if size == 0:
+                raise GraphError(
+                    f"input {name!r} has no examples along its batch axis {axis} (shape "
+                    f"{list(value.shape)})",
+                    node=name,
+                    op="input",
+                    field="batch_axes",
+                )
+            rows, first = size, first or name
+            axes[name] = axis
+        assert rows is not None
+        return axes, rows
+
+    def _per_example_seeds(
+        self,
+        graph: Graph,
+        output: str,
+        out_type: TensorType,
+        seed: np.ndarray | None,
+        rows: int,
+    ) -> np.ndarray | None:
+        """The B stacked seeds, checked (None: the output has one element per example)."""
+        if seed is None:
+            if out_type.size != 1:
+                raise GraphError(
+                    f"output {graph[output].describe()} has shape {list(out_type.shape)} per "
+                    "example: per-example gradients need one element per example, or B seeds "
+                    f"stacked in `seed` (shape [{rows}] + {list(out_type.shape)})",
+                    node=output,
+                    field="seed",
+                )
+            return None
+        self._checked_type("the per-example seeds", seed)
+        if seed.shape != (rows, *out_type.shape):
+            raise GraphError(
+                f"seed has shape {list(seed.shape)}, but per-example seeds stack one seed of "
+                f"the output's shape per example: [{rows}] + {list(out_type.shape)}",
+                field="seed",
+            )
+        if seed.dtype.kind != "f":
+            raise GraphError(f"seed must be a float tensor, got {seed.dtype.name}", field="seed")
+        return seed.astype(out_type.dtype, copy=False)
+
+    def _check_examples(self, plan: Plan, rows: int) -> None:
+        """Charge B runs of one example's plan against the limits before the first runs: B
+        times its flops, and its peak plus the B stacked results held at once."""
+        flops = plan.estimated_flops * rows
+        if flops > self.limits.max_flops:
+            raise LimitExceeded(
+                f"{rows} examples would take about {_flops(flops)} flops "
+                f"({_flops(plan.estimated_flops)} each); the limit (max_flops) is "
+                f"{_flops(self.limits.max_flops)}",
+                limit="max_flops",
+            )
+        held = plan.estimated_bytes + plan.fetched_bytes * rows
+        if held > self.limits.max_bytes:
+            raise LimitExceeded(
+                f"{rows} examples' stacked results would hold about {held} bytes; the limit "
+                f"(max_bytes) is {self.limits.max_bytes}",
+                limit="max_bytes",
+            )
+
+    def _gradient_loop(
+        self,
+        graph: Graph,
+        feeds: Mapping[str, np.ndarray],
+        examples: Mapping[str, np.ndarray],
+        output: str,
+        seeds: np.ndarray | None,
+        rows: int,
+        wrt: Sequence[str],
+        fetch: Sequence[str],
+        check_deadline: Callable[[], None],
+    ) -> GradientResult:
+        """The reference semantics: each example through gradient() (one cached plan), the
+        results stacked."""
+        values: dict[str, np.ndarray] = {}
+        gradients: dict[str, np.ndarray] = {}
+        skipped: dict[str, str] = {}
+        for row in range(rows):
+            check_deadline()
+            row_feeds = dict(feeds)
+            for name, value in examples.items():
+                row_feeds[name] = _example(value, row)
+            result = self.gradient(
+                graph,
+                row_feeds,
+                output,
+                None if seeds is None else seeds[row],
+                wrt,
+                fetch,
+                check_deadline,
+            )
+            for results, stacked in ((result.values, values), (result.gradients, gradients)):
+                for name, value in results.items():
+                    if row == 0:
+                        stacked[name] = np.empty((rows, *np.shape(value)), np.asarray(value).dtype)
+                    stacked[name][row] = value
+            skipped = result.skipped
+        return GradientResult(values, gradients, dict(skipped))
+
+    def _batched_graph(
+        self,
+        graph: Graph,
+        feed_types: Mapping[str, TensorType],
+        batched_inputs: set[str],
+        rows: int,
+        check_deadline: Callable[[], None],
+    ) -> BatchedGraph:
+        key = (
+            "batching",
+            graph.digest,
+            self._signature(feed_types),
+            tuple(sorted(batched_inputs)),
+            rows,
+        )
+
+        def make() -> BatchedGraph:
+            types = infer_types(graph, feed_types, set(graph.nodes), check_deadline)
+            return batch_graph(graph, types, batched_inputs, rows)
+
+        batched = self._compiled(key, make)
+        assert isinstance(batched, BatchedGraph)
+        return batched
+
+    def _gradient_vectorized(
+        self,
+        batched: BatchedGraph,
+        feeds: Mapping[str, np.ndarray],
+        examples: Mapping[str, np.ndarray],
+        output: str,
+        out_type: TensorType,
+        seeds: np.ndarray | None,
+        rows: int,
+        wrt: list[str],
+        fetch: list[str],
+        skipped: Mapping[str, str],
+        check_deadline: Callable[[], None],
+    ) -> GradientResult:
+        """The examples as one batched graph: batched inputs with their batch axis first,
+        float inputs tiled, and the B seeds (ones by default) as one seed."""
+        assert batched.graph is not None
+        run_feeds: dict[str, np.ndarray] = {}
+        for name, value in feeds.items():
+            if name in examples:
+                run_feeds[name] = np.ascontiguousarray(examples[name])
+            elif name in batched.batched:
+                run_feeds[name] = np.broadcast_to(value[np.newaxis], (rows, *value.shape))
+            else:
+                run_feeds[name] = value
+        if seeds is None:
+            seeds = np.ones((rows, *out_type.shape), out_type.dtype)
+        result = self.gradient(batched.graph, run_feeds, output, seeds, wrt, fetch, check_deadline)
+        values = {
+            name: value if name in batched.batched else _stacked(value, rows)
+            for name, value in result.values.items()
+        }
+        return GradientResult(values, result.gradients, dict(skipped))
+
     @staticmethod
     def _seed_value(
         graph: Graph, output: str, out_type: TensorType, seed: np.ndarray | None
@@ -1251,6 +1539,13 @@ class Engine:
 def _flops(count: int) -> str:
     """A count of flops as a person reads it: 3 significant digits."""
     return f"{count:.3g}"
+
+
+def _example(stacked: np.ndarray, row: int) -> np.ndarray:
+    """Example `row` of inputs stacked along their first axis, as an array (not a numpy
+    scalar), C-contiguous as a decoded input is."""
+    value = np.asarray(stacked[row])
+    return value if value.flags.c_contiguous else value.copy()
 
 
 def _zeros(tensor_type: TensorType) -> np.ndarray:

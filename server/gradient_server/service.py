@@ -25,6 +25,7 @@ from gradient_client.client import DEFAULT_MAX_MESSAGE_MB, check_message_mb
 from gradient_client.wire import WireMessage
 
 from .auth import TokenAuth, Tokens
+from .batching import batchable
 from .calllog import CallLog
 from .calls import Call, failure_of
 from .engine import Engine, Limits
@@ -187,12 +188,39 @@ class GradientServicer:
     def _gradient(self, request: WireMessage, call: Call) -> WireMessage:
         graph = self.graph_of(request, call)
         fields = request.fields
+        if fields.batch_axes:
+            return self._gradient_per_example(request, call, graph)
         if fields.batched_seed:
             return self._gradient_batched(request, call, graph)
         result = self.engine.gradient(
             graph,
             request.tensors.get("inputs", {}),
             fields.output,
+            request.tensors.get("seed"),
+            fields.wrt,
+            fields.fetch,
+            call.check,
+        )
+        response = service_pb2.GradientResponse(
+            skipped=_skipped(result.skipped), graph_digest=graph.digest
+        )
+        return WireMessage(
+            response, tensors={"values": result.values, "gradients": result.gradients}
+        )
+
+    def _gradient_per_example(self, request: WireMessage, call: Call, graph: Graph) -> WireMessage:
+        fields = request.fields
+        if fields.batched_seed:
+            raise GraphError(
+                "batch_axes and batched_seed do not combine: per-example seeds are stacked "
+                "along the batch axis already (send batch_axes alone)",
+                field="batched_seed",
+            )
+        result = self.engine.gradient_per_example(
+            graph,
+            request.tensors.get("inputs", {}),
+            fields.output,
+            dict(fields.batch_axes),
             request.tensors.get("seed"),
             fields.wrt,
             fields.fetch,
@@ -367,6 +395,7 @@ def _op_info(op: OpDef) -> service_pb2.OpInfo:
             for i, name in enumerate(op.inputs)
         ],
         variadic=op.variadic,
+        batchable=batchable(op.name),
         attrs=[
             service_pb2.OpAttr(
                 name=spec.name,

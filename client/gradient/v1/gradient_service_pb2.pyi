@@ -82,7 +82,7 @@ class ForwardResponse(_message.Message):
     def __init__(self, values: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., graph_digest: _Optional[str] = ...) -> None: ...
 
 class GradientRequest(_message.Message):
-    __slots__ = ("graph", "inputs", "output", "seed", "wrt", "fetch", "response_payload", "graph_digest", "batched_seed")
+    __slots__ = ("graph", "inputs", "output", "seed", "wrt", "fetch", "response_payload", "graph_digest", "batched_seed", "batch_axes")
     class InputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -90,6 +90,13 @@ class GradientRequest(_message.Message):
         key: str
         value: _tensor_pb2.Tensor
         def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    class BatchAxesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     GRAPH_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +106,7 @@ class GradientRequest(_message.Message):
     RESPONSE_PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     GRAPH_DIGEST_FIELD_NUMBER: _ClassVar[int]
     BATCHED_SEED_FIELD_NUMBER: _ClassVar[int]
+    BATCH_AXES_FIELD_NUMBER: _ClassVar[int]
     graph: _graph_pb2.Graph
     inputs: _containers.MessageMap[str, _tensor_pb2.Tensor]
     output: str
@@ -108,7 +116,8 @@ class GradientRequest(_message.Message):
     response_payload: PayloadForm
     graph_digest: str
     batched_seed: bool
-    def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., inputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., output: _Optional[str] = ..., seed: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., wrt: _Optional[_Iterable[str]] = ..., fetch: _Optional[_Iterable[str]] = ..., response_payload: _Optional[_Union[PayloadForm, str]] = ..., graph_digest: _Optional[str] = ..., batched_seed: _Optional[bool] = ...) -> None: ...
+    batch_axes: _containers.ScalarMap[str, int]
+    def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., inputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., output: _Optional[str] = ..., seed: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., wrt: _Optional[_Iterable[str]] = ..., fetch: _Optional[_Iterable[str]] = ..., response_payload: _Optional[_Union[PayloadForm, str]] = ..., graph_digest: _Optional[str] = ..., batched_seed: _Optional[bool] = ..., batch_axes: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class SkippedNode(_message.Message):
     __slots__ = ("name", "reason")
@@ -171,18 +180,20 @@ class OpAttr(_message.Message):
     def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., required: _Optional[bool] = ..., default: _Optional[_Union[_graph_pb2.AttrValue, _Mapping]] = ..., doc: _Optional[str] = ...) -> None: ...
 
 class OpInfo(_message.Message):
-    __slots__ = ("name", "doc", "inputs", "variadic", "attrs")
+    __slots__ = ("name", "doc", "inputs", "variadic", "attrs", "batchable")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DOC_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     VARIADIC_FIELD_NUMBER: _ClassVar[int]
     ATTRS_FIELD_NUMBER: _ClassVar[int]
+    BATCHABLE_FIELD_NUMBER: _ClassVar[int]
     name: str
     doc: str
     inputs: _containers.RepeatedCompositeFieldContainer[OpInput]
     variadic: bool
     attrs: _containers.RepeatedCompositeFieldContainer[OpAttr]
-    def __init__(self, name: _Optional[str] = ..., doc: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[OpInput, _Mapping]]] = ..., variadic: _Optional[bool] = ..., attrs: _Optional[_Iterable[_Union[OpAttr, _Mapping]]] = ...) -> None: ...
+    batchable: bool
+    def __init__(self, name: _Optional[str] = ..., doc: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[OpInput, _Mapping]]] = ..., variadic: _Optional[bool] = ..., attrs: _Optional[_Iterable[_Union[OpAttr, _Mapping]]] = ..., batchable: _Optional[bool] = ...) -> None: ...
 
 class ListOpsResponse(_message.Message):
     __slots__ = ("ops",)
