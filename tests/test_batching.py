@@ -408,6 +408,25 @@ def test_an_op_without_a_rule_falls_back_to_the_loop(engine):
     np.testing.assert_array_equal(result.gradients["w"], inputs["x"][:, 1:3])
 
 
+def test_only_the_nodes_asked_for_are_batched(engine):
+    rng = rng_for("per-example-roots")
+    g = Graph()
+    x, w = g.input("x"), g.input("w")
+    g.sum(g.mul(x, w), name="f")
+    g.op("slice", g.input("unfed"), starts=[0], stops=[1], name="elsewhere")  # no rule, unfed
+    inputs = {"x": rng.standard_normal((B, 2)), "w": rng.standard_normal(2)}
+    loaded = engine.load_graph(g.to_proto())
+    roots = ["f", "x", "w"]
+    assert engine.batched_graph_for(loaded, inputs, {"x": 0}, roots).graph is not None
+    kwargs: dict[str, Any] = {"wrt": ["x", "w"], "fetch": ["f"]}
+    vectorized = engine.gradient_per_example(loaded, inputs, "f", {"x": 0}, **kwargs)
+    loop = engine.gradient_per_example(loaded, inputs, "f", {"x": 0}, vectorize=False, **kwargs)
+    for name in ("x", "w"):
+        assert vectorized.gradients[name].tobytes() == loop.gradients[name].tobytes()
+    np.testing.assert_array_equal(vectorized.gradients["w"], inputs["x"])
+    assert vectorized.values["f"].tobytes() == loop.values["f"].tobytes()
+
+
 @pytest.mark.parametrize(
     ("batch", "seed", "words", "node"),
     [

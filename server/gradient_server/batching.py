@@ -20,7 +20,8 @@ A graph with an op without a rule is not batched (``BatchedGraph.graph`` is None
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import hashlib
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -242,12 +243,18 @@ def batchable(op: str) -> bool:
 
 
 def batch_graph(
-    graph: Graph, types: Mapping[str, TensorType], batched_inputs: set[str], rows: int
+    graph: Graph,
+    types: Mapping[str, TensorType],
+    batched_inputs: set[str],
+    rows: int,
+    roots: Sequence[str] = (),
 ) -> BatchedGraph:
     """The graph carrying a leading batch axis of `rows` examples (see the module's doc).
 
-    `types` types every node of `graph` for one example; `batched_inputs` names the inputs
-    fed one slice per example. Float inputs not among them are to be fed tiled `rows` times.
+    `types` types the nodes of `graph` to batch for one example (the others are left out);
+    `batched_inputs` names the inputs fed one slice per example. Float inputs not among them
+    are to be fed tiled `rows` times. `roots` (the nodes the caller asks for) goes into the
+    batched graph's digest.
     """
     prefix = "batch/"
     while any(name.startswith(prefix) for name in graph.nodes):
@@ -280,5 +287,6 @@ def batch_graph(
         except NoBatchingRule as e:
             return BatchedGraph(None, frozenset(), f"{node.describe()} ({e})")
     batched = Graph(b.nodes)
-    batched.digest = f"{graph.digest}/batched:{rows}:{','.join(sorted(batched_inputs))}"
+    identity = repr((sorted(batched_inputs), list(roots))).encode()
+    batched.digest = f"{graph.digest}/batched:{rows}:{hashlib.sha256(identity).hexdigest()}"
     return BatchedGraph(batched, frozenset(b.batched))

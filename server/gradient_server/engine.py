@@ -1269,7 +1269,8 @@ class Engine:
         out_type = compiled.output_type
         seeds = self._per_example_seeds(graph, output, out_type, seed, rows)
         if vectorize:
-            batched = self._batched_graph(graph, feed_types, set(axes), rows, check_deadline)
+            roots = _order([output, *wrt_names, *fetch_names])
+            batched = self._batched_graph(graph, feed_types, set(axes), rows, roots, check_deadline)
             if batched.graph is not None:
                 return self._gradient_vectorized(
                     batched,
@@ -1294,17 +1295,24 @@ class Engine:
         graph: Graph,
         feeds: Mapping[str, np.ndarray],
         batch: Mapping[str, int],
+        roots: Sequence[str] = (),
         check_deadline: Callable[[], None] = no_deadline,
     ) -> BatchedGraph:
-        """The batched graph gradient_per_example would run for these feeds (its `graph` is
-        None, and `missing` names the node, when it would loop over the examples)."""
+        """The batched graph gradient_per_example would run for these feeds, computing the
+        `roots` (the output, wrt and fetch nodes; every node when empty): its `graph` is None,
+        and `missing` names the node, when it would loop over the examples."""
         axes, rows = self._batch_axes(graph, feeds, batch)
         first = {
             **feeds,
             **{name: _example(np.moveaxis(feeds[name], axis, 0), 0) for name, axis in axes.items()},
         }
         return self._batched_graph(
-            graph, self._feed_types(graph, first), set(axes), rows, check_deadline
+            graph,
+            self._feed_types(graph, first),
+            set(axes),
+            rows,
+            _names(graph, roots, "roots"),
+            check_deadline,
         )
 
     def _batch_axes(
@@ -1462,19 +1470,22 @@ class Engine:
         feed_types: Mapping[str, TensorType],
         batched_inputs: set[str],
         rows: int,
+        roots: Sequence[str],
         check_deadline: Callable[[], None],
     ) -> BatchedGraph:
+        """The batched graph of the nodes `roots` need (cached)."""
         key = (
             "batching",
             graph.digest,
             self._signature(feed_types),
             tuple(sorted(batched_inputs)),
             rows,
+            tuple(roots),
         )
 
         def make() -> BatchedGraph:
-            types = infer_types(graph, feed_types, set(graph.nodes), check_deadline)
-            return batch_graph(graph, types, batched_inputs, rows)
+            types = infer_types(graph, feed_types, graph.ancestors(roots), check_deadline)
+            return batch_graph(graph, types, batched_inputs, rows, roots)
 
         batched = self._compiled(key, make)
         assert isinstance(batched, BatchedGraph)
