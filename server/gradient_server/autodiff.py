@@ -10,13 +10,12 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import numpy as np
 
 from .errors import GraphError, no_deadline
-from .ir import CHECK_EVERY, Graph, Node, infer_node_type, make_node
+from .ir import CHECK_EVERY, Graph, Node, TypeMemo, make_node
 from .ops import OPS, GradCall, Ref
 from .tensor_type import TensorType
 
@@ -41,26 +40,33 @@ class _Builder:
     """Emits typed nodes under fresh names (the Emitter that gradient rules see)."""
 
     def __init__(self, taken: Iterable[str], types: dict[str, TensorType], stem: str = "grad"):
-        taken = set(taken)
         prefix = stem
         while any(name.startswith(prefix + "/") for name in taken):
             prefix += "_"
         self.prefix = prefix
         self.types = types
         self.nodes: list[Node] = []
+        self.node_types: list[TensorType] = []  # the types of `nodes`, in their order
         self._count = 0
+        self._memo = TypeMemo()
+        self._defaults_and_types: dict[tuple[Any, ...], tuple[Any, TensorType, Any]] = {}
         self._constants: dict[tuple[str, Any], Ref] = {}
+        self._numbers: dict[tuple[type, Any], Ref] = {}  # _constants by the Python number
 
     def fresh_name(self, stem: str) -> str:
         self._count += 1
         return f"{self.prefix}/{stem}_{self._count}"
 
     def emit(self, node: Node) -> Ref:
+        return self._emit(node, tuple(map(self.types.__getitem__, node.inputs)))
+
+    def _emit(self, node: Node, input_types: tuple[TensorType, ...]) -> Ref:
         try:
-            node_type = infer_node_type(node, tuple(self.types[s] for s in node.inputs))
+            node_type = self._memo.infer(node, input_types)
         except GraphError as e:
             raise RuntimeError(f"a gradient rule built an invalid node: {e}") from None
         self.nodes.append(node)
+        self.node_types.append(node_type)
         self.types[node.name] = node_type
         return Ref(node.name, node_type)
 
@@ -68,23 +74,61 @@ class _Builder:
         """A new input node declaring its (strong) dtype and shape."""
         attrs = {"dtype": dtype, "shape": shape}
         node = make_node(self.fresh_name(stem), "input", (), attrs)
+        node_type = TensorType(dtype, shape)
         self.nodes.append(node)
-        self.types[node.name] = TensorType(dtype, shape)
-        return Ref(node.name, self.types[node.name])
+        self.node_types.append(node_type)
+        self.types[node.name] = node_type
+        return Ref(node.name, node_type)
 
     def op(self, op: str, *inputs: Ref | float, **attrs: Any) -> Ref:
-        names = [self._operand(x).name for x in inputs]
-        return self.emit(make_node(self.fresh_name(op), op, names, attrs))
+        return self._op(op, inputs, attrs)
 
-    def __getattr__(self, op: str):
-        if op in OPS:
-            return partial(self.op, op)
-        raise AttributeError(op)
+    def __getattr__(self, op: str) -> Callable[..., Ref]:
+        # b.mul(x, y) is b.op("mul", x, y). The method is added to the class when first asked
+        # for, so that later calls find it at once (big gradients make millions of calls).
+        if op not in OPS:
+            raise AttributeError(op)
 
-    def _operand(self, value: Ref | float) -> Ref:
-        if isinstance(value, Ref):
-            return value
-        # A Python number: a weakly typed scalar constant, shared by every use.
+        def emit_op(builder: _Builder, *inputs: Ref | float, **attrs: Any) -> Ref:
+            return builder._op(op, inputs, attrs)
+
+        setattr(_Builder, op, emit_op)
+        return getattr(self, op)
+
+    def _op(self, op: str, operands: tuple[Ref | float, ...], attrs: dict[str, Any]) -> Ref:
+        names, input_types = [], []
+        for operand in operands:
+            ref = operand if isinstance(operand, Ref) else self._constant(operand)
+            names.append(ref.name)
+            input_types.append(ref.type)
+        self._count += 1
+        name = f"{self.prefix}/{op}_{self._count}"  # fresh_name's, without its call
+        if attrs:
+            return self._emit(make_node(name, op, names, attrs), tuple(input_types))
+        # Most emitted nodes have all attributes at their defaults: then the attributes and
+        # the type depend only on the op and the operand types, and are remembered by them
+        # (by identity, as TypeMemo does; the entry holds the types), which saves building
+        # and checking the node's attributes and its memo key on every call.
+        key = (op, *map(id, input_types))
+        known = self._defaults_and_types.get(key)
+        if known is None:
+            ref = self._emit(make_node(name, op, names, attrs), tuple(input_types))
+            self._defaults_and_types[key] = (self.nodes[-1].attrs, ref.type, input_types)
+            return ref
+        defaults, node_type, _ = known
+        self.nodes.append(Node(name, op, tuple(names), defaults))
+        self.node_types.append(node_type)
+        self.types[name] = node_type
+        return Ref(name, node_type)
+
+    def _constant(self, value: float) -> Ref:
+        # A Python number: a weakly typed scalar constant, shared by every use. Plain numbers
+        # are looked up as they are first, which is quicker than making an array of them.
+        number = (type(value), value)
+        plain = number[0] in (int, float, bool) and value == value  # NaN equals nothing
+        known = self._numbers.get(number) if plain else None
+        if known is not None:
+            return known
         array = np.asarray(value)
         key = (array.dtype.str, array.item())
         if key not in self._constants:
@@ -92,6 +136,8 @@ class _Builder:
                 self.fresh_name("const"), "constant", (), {"value": array, "weak": True}
             )
             self._constants[key] = self.emit(node)
+        if plain:
+            self._numbers[number] = self._constants[key]
         return self._constants[key]
 
 
@@ -114,52 +160,55 @@ def gradient_graph(
     out_type = types[output]
     seed = builder.input("seed", out_type.dtype, out_type.shape)
 
-    forward = [node for name, node in graph.nodes.items() if name in types]
-    upstream = graph.ancestors([output])
     wanted = {name for name in wrt if types[name].is_float}
+    forward: list[Node] = []
+    forward_types: list[TensorType] = []
     # Gradients flow only through float nodes: a path through an integer or bool value is
-    # piecewise constant, so it contributes zero.
+    # piecewise constant, so it contributes zero. (Only nodes the output depends on receive
+    # gradients, and their inputs too, so active nodes it does not depend on never count.)
     active: set[str] = set()
-    for node in forward:
-        if (
-            node.name in upstream
-            and types[node.name].is_float
-            and (node.name in wanted or any(s in active for s in node.inputs))
-        ):
-            active.add(node.name)
+    for name, node in graph.nodes.items():
+        node_type = types.get(name)
+        if node_type is None:
+            continue
+        forward.append(node)
+        forward_types.append(node_type)
+        if (name in wanted or not active.isdisjoint(node.inputs)) and node_type.is_float:
+            active.add(name)
 
     pending: dict[str, list[Ref]] = {output: [seed]} if output in active else {}
     gradients: dict[str, Ref] = {}
-    for index, node in enumerate(reversed(forward)):
+    for index, (node, node_type) in enumerate(
+        zip(reversed(forward), reversed(forward_types), strict=True)
+    ):
         if index % CHECK_EVERY == 0:
             check_deadline()
         contributions = pending.pop(node.name, None)
         if contributions is None:
             continue
         g = contributions[0]
-        for extra in contributions[1:]:
-            g = builder.op("add", g, extra)
-        gradients[node.name] = g
-        opdef = node.opdef
-        needs = [
-            opdef.is_differentiable(i) and source in active for i, source in enumerate(node.inputs)
-        ]
+        if len(contributions) > 1:
+            for extra in contributions[1:]:
+                g = builder.op("add", g, extra)
+        if node.name in wanted:
+            gradients[node.name] = g
+        opdef = OPS[node.op]
+        inputs = node.inputs
+        needs = [source in active and opdef.is_differentiable(i) for i, source in enumerate(inputs)]
         if not any(needs):
             continue
-        call = GradCall(
-            node.attrs,
-            tuple(Ref(s, all_types[s]) for s in node.inputs),
-            Ref(node.name, all_types[node.name]),
-        )
+        assert opdef.backward is not None  # an op without a rule differentiates no input
+        input_refs = tuple(map(Ref, inputs, map(all_types.__getitem__, inputs)))
+        call = GradCall(node.attrs, input_refs, Ref(node.name, node_type))
         results = tuple(opdef.backward(builder, call, g))
         if len(results) != len(node.inputs):
             raise RuntimeError(
                 f"gradient rule of {node.op} returned {len(results)} gradients "
                 f"for {len(node.inputs)} inputs"
             )
-        for source, need, result in zip(node.inputs, needs, results, strict=True):
+        for operand, need, result in zip(call.inputs, needs, results, strict=True):
             if need and result is not None:
-                pending.setdefault(source, []).append(_fit(builder, result, all_types[source]))
+                pending.setdefault(operand.name, []).append(_fit(builder, result, operand.type))
 
     result_names: dict[str, str] = {}
     skipped: dict[str, str] = {}
@@ -175,14 +224,23 @@ def gradient_graph(
                 make_node(builder.fresh_name("zeros"), "zeros", (), zeros)
             ).name
 
-    keep = Graph([*forward, *builder.nodes]).ancestors(result_names.values())
-    backward = [node for node in builder.nodes if node.name in keep or node.name == seed.name]
+    # What the results depend on: inputs are emitted before the nodes that take them.
+    keep = {seed.name, *result_names.values()}
+    backward: list[Node] = []
+    backward_types: list[TensorType] = []
+    for node, node_type in zip(reversed(builder.nodes), reversed(builder.node_types), strict=True):
+        if node.name in keep:
+            keep.update(node.inputs)
+            backward.append(node)
+            backward_types.append(node_type)
+    backward.reverse()
+    backward_types.reverse()
     combined = Graph([*forward, *backward])
     # The combined graph is determined by the forward graph, the request and the sources' types.
-    sources = sorted((n, str(t)) for n, t in types.items() if graph[n].op == "input")
+    sources = sorted((node.name, str(types[node.name])) for node in forward if node.op == "input")
     identity = repr((graph.digest, output, wrt, sources)).encode()
     combined.digest = hashlib.sha256(identity).hexdigest()
-    kept_types = {name: all_types[name] for name in combined.nodes}
+    kept_types = dict(zip(combined.nodes, [*forward_types, *backward_types], strict=True))
     return GradientGraph(combined, kept_types, result_names, skipped, seed.name)
 
 

@@ -493,7 +493,7 @@ class TypeMemo:
 
     def infer(self, node: Node, input_types: tuple[TensorType, ...]) -> TensorType:
         """infer_node_type(node, input_types), remembered."""
-        key = (node.op, id(node.attrs), *map(id, input_types))
+        key = (node.op, id(node.attrs), tuple(map(id, input_types)))
         known = self._results.get(key)
         if known is not None:
             return known[0]
