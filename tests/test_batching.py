@@ -324,6 +324,44 @@ CASES: list[tuple[str, dict[str, tuple[int, ...]], Build, bool]] = [
         lambda g, n: g.op("cross_entropy", n["x"], g.softmax(n["w"]), label_smoothing=0.1),
         False,
     ),
+    ("slice", {"x": (3, 4)}, lambda g, n: g.op("slice", n["x"], starts=[1], stops=[3]), True),
+    (
+        "slice-axes-steps",
+        {"x": (3, 5)},
+        lambda g, n: g.op(
+            "slice", n["x"], starts=[4, 0], stops=[0, 3], steps=[-2, 2], axes=[-1, 0]
+        ),
+        True,
+    ),
+    (
+        "unslice",
+        {"x": (2, 4)},
+        lambda g, n: g.op("unslice", n["x"], shape=[3, 4], starts=[1], stops=[3], axes=[0]),
+        True,
+    ),
+    ("pad", {"x": (2, 3)}, lambda g, n: g.op("pad", n["x"], pads=[1, 0, 0, 2], value=0.5), True),
+    ("concat", {"x": (2, 3), "w": (1, 3)}, lambda g, n: g.op("concat", n["x"], n["w"]), True),
+    (
+        "concat-ints",
+        {"x": (3,), "k": (2,)},
+        lambda g, n: g.mul(
+            g.op("concat", g.op("cast", n["x"], dtype="int64"), n["k"], g.constant(np.array([7]))),
+            1.5,
+        ),
+        True,
+    ),
+    (
+        "stack",
+        {"x": (2, 3), "w": (2, 3)},
+        lambda g, n: g.op("stack", n["x"], n["w"], axis=-1),
+        True,
+    ),
+    (
+        "take",
+        {"x": (4, 3)},
+        lambda g, n: g.op("take", n["x"], g.constant(np.array([[2, 0], [-1, 2]])), axis=0),
+        True,
+    ),
     ("max_pool2d", {"x": (2, 2, 4, 4)}, lambda g, n: g.max_pool2d(n["x"], kernel=2), True),
     (
         "avg_pool2d",
@@ -395,17 +433,25 @@ def test_every_op_with_a_rule_is_tested():
 def test_an_op_without_a_rule_falls_back_to_the_loop(engine):
     rng = rng_for("per-example-fallback")
     g = Graph()
-    x, w = g.input("x"), g.input("w")
-    g.sum(g.mul(g.op("slice", x, starts=[1], stops=[3]), w), name="f")
-    inputs = {"x": rng.standard_normal((B, 4)), "w": rng.standard_normal(2)}
+    x, w, k = g.input("x"), g.input("w"), g.input("k", dtype="int64")
+    g.sum(g.mul(g.op("take", x, k), w), name="f")  # per-example indices: no rule
+    inputs = {
+        "x": rng.standard_normal((B, 4)),
+        "w": rng.standard_normal(2),
+        "k": np.array([[1, 3], [0, -1], [2, 2]]),
+    }
     loaded = engine.load_graph(g.to_proto())
-    batched = engine.batched_graph_for(loaded, inputs, {"x": 0})
-    assert batched.graph is None and "op slice" in batched.missing
-    result = engine.gradient_per_example(loaded, inputs, "f", {"x": 0})
+    batched = engine.batched_graph_for(loaded, inputs, {"x": 0, "k": 0})
+    assert batched.graph is None and "op take" in batched.missing, batched.missing
+    result = engine.gradient_per_example(loaded, inputs, "f", {"x": 0, "k": 0})
     expected_x = np.zeros((B, 4))
-    expected_x[:, 1:3] = inputs["w"]
+    for row, (i, j) in enumerate(inputs["k"]):
+        expected_x[row, i] += inputs["w"][0]
+        expected_x[row, j] += inputs["w"][1]
     np.testing.assert_array_equal(result.gradients["x"], expected_x)
-    np.testing.assert_array_equal(result.gradients["w"], inputs["x"][:, 1:3])
+    np.testing.assert_array_equal(
+        result.gradients["w"], np.take_along_axis(inputs["x"], inputs["k"] % 4, axis=1)
+    )
 
 
 def test_only_the_nodes_asked_for_are_batched(engine):
@@ -413,7 +459,7 @@ def test_only_the_nodes_asked_for_are_batched(engine):
     g = Graph()
     x, w = g.input("x"), g.input("w")
     g.sum(g.mul(x, w), name="f")
-    g.op("slice", g.input("unfed"), starts=[0], stops=[1], name="elsewhere")  # no rule, unfed
+    g.op("sum_to_shape", g.input("unfed"), shape=[1], name="elsewhere")  # no rule, unfed
     inputs = {"x": rng.standard_normal((B, 2)), "w": rng.standard_normal(2)}
     loaded = engine.load_graph(g.to_proto())
     roots = ["f", "x", "w"]
@@ -503,7 +549,7 @@ def test_limits_over_the_wire_are_resource_exhausted():
 def test_the_loop_checks_the_deadline_between_examples(engine):
     g = Graph()
     x = g.input("x")
-    g.sum(g.op("slice", x, starts=[0], stops=[1]), name="f")  # no rule: the loop
+    g.sum(g.op("sum_to_shape", x, shape=[1]), name="f")  # no rule: the loop
     loaded = engine.load_graph(g.to_proto())
     calls = {"examples": 0}
 

@@ -214,6 +214,42 @@ def _pool(b: _Builder, node: Node) -> None:
     b.emit(node.name, "reshape", [pooled], shape=(b.rows, *b.shape(node.name)))
 
 
+def _slice_like(b: _Builder, node: Node) -> None:
+    (x,) = node.inputs
+    rank = len(b.shape(x))
+    attrs = dict(node.attrs)
+    axes = attrs["axes"] if attrs["axes"] is not None else tuple(range(len(attrs["starts"])))
+    if len(axes) != len(attrs["starts"]):
+        raise NoBatchingRule("axes and starts differ in length")
+    attrs["axes"] = tuple(normalize_axis(a, rank) + 1 for a in axes)
+    if node.op == "unslice":
+        attrs["shape"] = (b.rows, *attrs["shape"])
+    b.emit(node.name, node.op, [x], **attrs)
+
+
+def _pad(b: _Builder, node: Node) -> None:
+    b.emit(
+        node.name, "pad", [node.inputs[0]], **{**node.attrs, "pads": (0, 0, *node.attrs["pads"])}
+    )
+
+
+def _join(b: _Builder, node: Node) -> None:
+    operands = [b.tiled(node.name, s) for s in node.inputs]
+    rank = len(b.shape(node.inputs[0])) + (node.op == "stack")
+    axis = normalize_axis(node.attrs["axis"], rank) + 1
+    b.emit(node.name, node.op, operands, axis=axis)
+
+
+def _take(b: _Builder, node: Node) -> None:
+    x, indices = node.inputs
+    if indices in b.batched:
+        # Gathering each example's own indices would need offsets into the flattened batch,
+        # which would turn an out-of-range index into another example's row, not an error.
+        raise NoBatchingRule("per-example indices")
+    axis = normalize_axis(node.attrs["axis"], len(b.shape(x))) + 1
+    b.emit(node.name, "take", [x, indices], axis=axis)
+
+
 _ELEMENTWISE = (
     "abs cos exp expm1 log log1p neg reciprocal relu sigmoid sign sin softplus sqrt square "
     "tanh leaky_relu clip cast logical_not add sub mul div pow maximum minimum equal not_equal "
@@ -233,8 +269,15 @@ RULES: dict[str, Rule] = {
     "cross_entropy": _cross_entropy,
     "max_pool2d": _pool,
     "avg_pool2d": _pool,
+    "slice": _slice_like,
+    "unslice": _slice_like,
+    "pad": _pad,
+    "concat": _join,
+    "stack": _join,
+    "take": _take,
 }
-"""The batching rule of each op that has one (ListOps reports them as `batchable`)."""
+"""The batching rule of each op that has one (ListOps reports them as `batchable`). `take`
+has one for shared indices only: a graph taking per-example indices runs as the loop."""
 
 
 def batchable(op: str) -> bool:
