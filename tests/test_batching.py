@@ -1,9 +1,10 @@
 """Per-example gradients (Gradient.batch_axes, client.gradient(batch=...)), issue 12 item 3.
 
-- The reference semantics (a loop over the examples through one compiled plan) against
-  jax.vmap(jax.grad(f)) on an MLP with cross_entropy (per-example weight gradients, float64 to
-  1e-12), against torch.func.vmap(torch.func.grad(f)) on a small CNN (conv2d has no batching
-  rule, so it runs as the loop), and per-example seeds of a non-scalar output against jax.vjp.
+- The reference semantics (a loop over the examples through one compiled plan) and the
+  vectorized graph against jax.vmap(jax.grad(f)) on an MLP with cross_entropy (per-example
+  weight gradients, float64 to 1e-12), against torch.func.vmap(torch.func.grad(f)) on a small
+  CNN (conv2d, relu, max_pool2d, matmul, cross_entropy), and per-example seeds of a
+  non-scalar output against jax.vjp.
 - The batching transform against the loop, op by op for every op with a rule: values and
   gradients bit for bit for elementwise and reshape-like ops, within 1e-12 relative (float64)
   where numpy may sum in another order (matmul, reductions, softmax-like ops, cross_entropy).
@@ -120,9 +121,10 @@ def test_cnn_per_example_gradients_equal_torch_func(engine):
         "V": rng.standard_normal((8, 3)),
     }
     loaded = engine.load_graph(g.to_proto())
-    assert "conv2d" in engine.batched_graph_for(loaded, inputs, {"x": 0, "y": 0}).missing
+    assert engine.batched_graph_for(loaded, inputs, {"x": 0, "y": 0}).graph is not None
 
-    result = engine.gradient_per_example(loaded, inputs, "loss", {"x": 0, "y": 0})
+    vectorized = engine.gradient_per_example(loaded, inputs, "loss", {"x": 0, "y": 0})
+    loop = engine.gradient_per_example(loaded, inputs, "loss", {"x": 0, "y": 0}, vectorize=False)
 
     def loss(x: Any, y: Any, w: Any, v: Any) -> Any:
         h = torch.nn.functional.max_pool2d(
@@ -134,7 +136,8 @@ def test_cnn_per_example_gradients_equal_torch_func(engine):
         *(torch.from_numpy(inputs[n]) for n in ("x", "y", "w", "V"))
     )
     for name, gradient in zip(("x", "w", "V"), grads, strict=True):
-        _close(result.gradients[name], gradient.numpy())
+        _close(vectorized.gradients[name], gradient.numpy())
+        _close(loop.gradients[name], gradient.numpy())
 
 
 def test_per_example_seeds_of_a_non_scalar_output_equal_jax_vjp(engine):
@@ -362,6 +365,24 @@ CASES: list[tuple[str, dict[str, tuple[int, ...]], Build, bool]] = [
         lambda g, n: g.op("take", n["x"], g.constant(np.array([[2, 0], [-1, 2]])), axis=0),
         True,
     ),
+    (
+        "conv2d",
+        {"x": (2, 3, 5, 5), "w": (4, 3, 3, 3)},
+        lambda g, n: g.conv2d(n["x"], n["w"]),
+        False,
+    ),
+    (
+        "conv2d-geometry",
+        {"x": (1, 2, 7, 6), "w": (3, 2, 2, 3)},
+        lambda g, n: g.conv2d(n["x"], n["w"], stride=[2, 1], padding=[1, 2], dilation=[2, 1]),
+        False,
+    ),
+    (
+        "conv2d-1x1",
+        {"x": (2, 3, 4, 4), "w": (2, 3, 1, 1)},
+        lambda g, n: g.conv2d(n["x"], n["w"]),
+        False,
+    ),
     ("max_pool2d", {"x": (2, 2, 4, 4)}, lambda g, n: g.max_pool2d(n["x"], kernel=2), True),
     (
         "avg_pool2d",
@@ -452,6 +473,19 @@ def test_an_op_without_a_rule_falls_back_to_the_loop(engine):
     np.testing.assert_array_equal(
         result.gradients["w"], np.take_along_axis(inputs["x"], inputs["k"] % 4, axis=1)
     )
+
+
+def test_a_large_conv_kernel_keeps_the_loop(engine):
+    g = Graph()
+    x, w = g.input("x"), g.input("w")
+    g.sum(g.conv2d(x, w), name="f")
+    inputs = {"x": np.ones((2, 1, 1, 9, 9)), "w": np.full((1, 1, 9, 9), 0.5)}
+    loaded = engine.load_graph(g.to_proto())
+    batched = engine.batched_graph_for(loaded, inputs, {"x": 0})
+    assert batched.graph is None and "more than 64" in batched.missing
+    result = engine.gradient_per_example(loaded, inputs, "f", {"x": 0})
+    np.testing.assert_array_equal(result.gradients["w"], np.ones((2, 1, 1, 9, 9)))
+    np.testing.assert_array_equal(result.values["f"], [40.5, 40.5])
 
 
 def test_only_the_nodes_asked_for_are_batched(engine):
@@ -572,7 +606,7 @@ def test_the_loop_checks_the_deadline_between_examples(engine):
 def test_list_ops_says_which_ops_are_batchable(client):
     ops = {op.name: op for op in client.list_ops()}
     assert {name for name, op in ops.items() if op.batchable} == set(RULES)
-    assert ops["matmul"].batchable and not ops["conv2d"].batchable
+    assert ops["conv2d"].batchable and not ops["scatter_add"].batchable
 
 
 def test_async_twin(server_address):

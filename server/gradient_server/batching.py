@@ -250,6 +250,51 @@ def _take(b: _Builder, node: Node) -> None:
     b.emit(node.name, "take", [x, indices], axis=axis)
 
 
+MAX_CONV_KERNEL_AREA = 64
+"""Most kernel positions conv2d's rule unfolds into slices (one node each); a larger kernel
+keeps the loop."""
+
+
+def _pair(value: tuple[int, ...]) -> tuple[int, int]:
+    return (value[0], value[0]) if len(value) == 1 else (value[0], value[1])
+
+
+def _conv2d(b: _Builder, node: Node) -> None:
+    """Each example convolves with its own weight (the weights carry the batch axis), so the
+    rule unfolds the windows (one strided slice per kernel position, as im2col does) and
+    contracts them with each example's weight in one batched matmul."""
+    x, w = (b.tiled(node.name, s) for s in node.inputs)
+    n, c = b.shape(node.inputs[0])[:2]
+    out_channels, _, kh, kw = b.shape(node.inputs[1])
+    _, _, ho, wo = b.shape(node.name)
+    if kh * kw > MAX_CONV_KERNEL_AREA:
+        raise NoBatchingRule(f"a kernel of more than {MAX_CONV_KERNEL_AREA} positions")
+    sh, sw = _pair(node.attrs["stride"])
+    ph, pw = _pair(node.attrs["padding"])
+    dh, dw = _pair(node.attrs["dilation"])
+    if ph or pw:
+        x = b.helper(node.name, "pad", [x], pads=(0, 0, 0, 0, 0, 0, ph, ph, pw, pw))
+    windows = [
+        b.helper(
+            node.name,
+            "slice",
+            [x],
+            starts=(i * dh, j * dw),
+            stops=(i * dh + (ho - 1) * sh + 1, j * dw + (wo - 1) * sw + 1),
+            steps=(sh, sw),
+            axes=(3, 4),
+        )
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    # (B, N, C, kh*kw, Ho, Wo) -> (B, N, C*kh*kw, Ho*Wo), C major as in the weight's layout
+    unfolded = windows[0] if len(windows) == 1 else b.helper(node.name, "stack", windows, axis=3)
+    patches = b.helper(node.name, "reshape", [unfolded], shape=(b.rows, n, c * kh * kw, ho * wo))
+    weight = b.helper(node.name, "reshape", [w], shape=(b.rows, 1, out_channels, c * kh * kw))
+    product = b.helper(node.name, "matmul", [weight, patches])
+    b.emit(node.name, "reshape", [product], shape=(b.rows, n, out_channels, ho, wo))
+
+
 _ELEMENTWISE = (
     "abs cos exp expm1 log log1p neg reciprocal relu sigmoid sign sin softplus sqrt square "
     "tanh leaky_relu clip cast logical_not add sub mul div pow maximum minimum equal not_equal "
@@ -275,6 +320,7 @@ RULES: dict[str, Rule] = {
     "concat": _join,
     "stack": _join,
     "take": _take,
+    "conv2d": _conv2d,
 }
 """The batching rule of each op that has one (ListOps reports them as `batchable`). `take`
 has one for shared indices only: a graph taking per-example indices runs as the loop."""
