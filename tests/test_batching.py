@@ -105,6 +105,17 @@ def test_mlp_per_example_gradients_equal_jax_vmap_of_grad(client):
     assert dict(vectorized.skipped) == {"y": "int64 is not differentiable"}
 
 
+def test_float32_keeps_its_dtype_and_equals_the_loop(engine):
+    inputs = _mlp_inputs(rng_for("per-example-float32"), 7)
+    inputs = {n: v.astype("float32") if v.dtype.kind == "f" else v for n, v in inputs.items()}
+    loaded = engine.load_graph(_mlp().to_proto())
+    vectorized = engine.gradient_per_example(loaded, inputs, "loss", {"x": 0, "y": 0})
+    loop = engine.gradient_per_example(loaded, inputs, "loss", {"x": 0, "y": 0}, vectorize=False)
+    for name, expected in loop.gradients.items():
+        assert vectorized.gradients[name].dtype == expected.dtype == np.float32, name
+        _close(vectorized.gradients[name], expected, rtol=1e-6)
+
+
 def test_cnn_per_example_gradients_equal_torch_func(engine):
     torch = pytest.importorskip("torch")
     rng = rng_for("per-example-cnn")
