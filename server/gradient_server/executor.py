@@ -179,7 +179,14 @@ class Plan:
         """The memory at the plan's peak: the values alive at each step under the release
         schedule (the request's inputs all along), plus the step's result (unless it goes into
         a dying operand's buffer) and scratch space. Constants belong to the cached graph."""
-        nbytes = {name: size * types[name].dtype.itemsize for name, size in sizes.items()}
+        itemsize_of: dict[int, int] = {}  # by the identity of a type, as sizes
+        nbytes = {}
+        for name, size in sizes.items():
+            node_type = types[name]
+            itemsize = itemsize_of.get(id(node_type))
+            if itemsize is None:
+                itemsize = itemsize_of[id(node_type)] = node_type.dtype.itemsize
+            nbytes[name] = size * itemsize
         no_workspace = {name for name, op in OPS.items() if op.workspace is None}
         inputs = set(self._inputs)
         live = sum(nbytes[name] for name in inputs)
@@ -359,15 +366,14 @@ def _schedule(
         for source in sources:
             last_use[source] = index
         steps.append(_Step(node, call, sources, (), cost, None, kernel, direct))
-    releases: dict[int, list[str]] = {}
     for name, index in last_use.items():
         if name not in fetch:
-            releases.setdefault(index, []).append(name)
-    for index, release in releases.items():
-        step = steps[index]
-        step.release = tuple(release)
+            step = steps[index]
+            step.release += (name,)  # mostly one value a step: a tuple each, no lists
+    for step in steps:
+        release = step.release
         result = step.call.type
-        if step.node.name in fresh and sizes[step.node.name] >= REUSE_MIN_ELEMENTS:
+        if release and step.node.name in fresh and sizes[step.node.name] >= REUSE_MIN_ELEMENTS:
             step.reuses = next(
                 (
                     source
