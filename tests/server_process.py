@@ -24,7 +24,15 @@ from gradient.v1 import graph_pb2
 from gradient_client.tensors import from_proto, to_proto
 
 SERVICE = "gradient.v1.GradientService"
-UNARY = ("Forward", "Gradient", "CheckGradient", "GradientGraph", "HessianVectorProduct")
+UNARY = (
+    "Forward",
+    "Gradient",
+    "CheckGradient",
+    "GradientGraph",
+    "HessianVectorProduct",
+    "JacobianVectorProduct",
+    "Jacobian",
+)
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 << 20),
     ("grpc.max_send_message_length", 64 << 20),

@@ -1,7 +1,9 @@
 """Byte-level fuzzing: mutated valid requests, sent as raw bytes, never get INTERNAL or UNKNOWN.
 
 Valid serialized requests of every RPC (tensors as raw bytes and as lists, float32, ints and
-bools, constants, list attributes, a graph named by its digest, Session streams with steps and
+bools, constants, list attributes, a graph named by its digest, Gradient with K stacked seeds
+(batched_seed) and per-example batch_axes, JacobianVectorProduct with tangents, batched
+tangents, tangents_of and all_tangents, Jacobian in both modes, Session streams with steps and
 chunks) are mutated at the byte level by hypothesis: bit flips, bytes overwritten, inserted,
 deleted or duplicated, truncation, two requests spliced, varints corrupted. The server runs as
 a process of its own (a crash shows as the process gone). Every answer must be OK or
@@ -152,6 +154,31 @@ def _seeds() -> dict[str, list[bytes]]:
             service_pb2.GradientRequest(
                 graph_digest=LECTURE_DIGEST, inputs=LECTURE_LISTS, output="f", response_payload=1
             ),
+            # K = 3 stacked seeds of the output q, one forward pass
+            service_pb2.GradientRequest(
+                graph=NORM_GRAPH,
+                inputs=NORM_INPUTS,
+                output="q",
+                seed=to_proto(np.array([[1.0, 0.0], [0.0, 1.0], [2.0, -1.0]])),
+                batched_seed=True,
+                wrt=["W"],
+            ),
+            # per-example gradients: x holds B = 3 examples along axis 0, W shared
+            service_pb2.GradientRequest(
+                graph=NORM_GRAPH,
+                inputs={**NORM_INPUTS, "x": to_proto(np.array([[0.2, 0.4], [1.0, -1.0], [0, 3]]))},
+                output="f",
+                batch_axes={"x": 0},
+                fetch=["f"],
+            ),
+            # per-example over axis 1 (B = 2) with per-example seeds stacked
+            service_pb2.GradientRequest(
+                graph=NORM_GRAPH,
+                inputs={**NORM_INPUTS, "x": to_proto(np.array([[0.2, 0.4], [1.0, -1.0]]))},
+                output="q",
+                batch_axes={"x": -1},
+                seed=_lists(np.array([[1.0, 0.5], [-1.0, 2.0]])),
+            ),
         ],
         "CheckGradient": [
             service_pb2.CheckGradientRequest(
@@ -179,6 +206,61 @@ def _seeds() -> dict[str, list[bytes]]:
                 inputs=LECTURE_INPUTS,
                 output="f",
                 vector={"x": to_proto(np.float64(1.0))},
+            ),
+        ],
+        "JacobianVectorProduct": [
+            service_pb2.JacobianVectorProductRequest(
+                graph=LECTURE_GRAPH,
+                inputs=LECTURE_INPUTS,
+                output="f",
+                tangents={"x": to_proto(np.float64(1.0)), "z": to_proto(np.float64(-0.5))},
+            ),
+            service_pb2.JacobianVectorProductRequest(
+                graph=NORM_GRAPH,
+                inputs=NORM_INPUTS,
+                output="f",
+                tangents={
+                    "x": to_proto(np.array([[1.0, 0.0], [0.0, 1.0], [0.5, -0.5]])),
+                    "W": to_proto(np.zeros((3, 2, 2))),
+                },
+                batched_tangents=True,
+                tangents_of=["q"],
+                fetch=["s"],
+            ),
+            service_pb2.JacobianVectorProductRequest(
+                graph=NET_GRAPH,
+                inputs=NET_INPUTS,
+                output="f",
+                tangents={"k": _lists(np.full((2, 1, 3, 3), 0.1, np.float32))},
+                all_tangents=True,
+                response_payload=lists,
+            ),
+            service_pb2.JacobianVectorProductRequest(
+                graph_digest=LECTURE_DIGEST,
+                inputs=LECTURE_LISTS,
+                output="q",
+                tangents={"y": _lists(np.array(2.0))},
+            ),
+        ],
+        "Jacobian": [
+            service_pb2.JacobianRequest(graph=LECTURE_GRAPH, inputs=LECTURE_INPUTS, output="f"),
+            service_pb2.JacobianRequest(
+                graph=NORM_GRAPH,
+                inputs=NORM_INPUTS,
+                output="q",
+                wrt=["W", "x"],
+                mode=service_pb2.JACOBIAN_MODE_REVERSE,
+            ),
+            service_pb2.JacobianRequest(
+                graph=NORM_GRAPH,
+                inputs=NORM_INPUTS,
+                output="s",
+                wrt=["x"],
+                mode=service_pb2.JACOBIAN_MODE_FORWARD,
+                response_payload=lists,
+            ),
+            service_pb2.JacobianRequest(
+                graph_digest=LECTURE_DIGEST, inputs=LECTURE_LISTS, output="f", wrt=["y"]
             ),
         ],
     }

@@ -155,6 +155,8 @@ def request(rpc: str, graph: graph_pb2.Graph | None = None, inputs=None, **field
         "CheckGradient": service_pb2.CheckGradientRequest,
         "GradientGraph": service_pb2.GradientGraphRequest,
         "HessianVectorProduct": service_pb2.HessianVectorProductRequest,
+        "JacobianVectorProduct": service_pb2.JacobianVectorProductRequest,
+        "Jacobian": service_pb2.JacobianRequest,
     }
     message = kinds[rpc](**fields)
     if graph is not None:
@@ -254,13 +256,16 @@ def case(id_: str, rpc: str, req: Any, code: grpc.StatusCode, *fragments: str, *
 
 
 def graph_case(id_: str, rpcs: str, graph, inputs, code, *fragments: str, **fields: Any) -> None:
-    """The same bad graph sent to each of the RPCs named in `rpcs` (initials: F G C GG H)."""
+    """The same bad graph sent to each of the RPCs named in `rpcs` (initials: F G C GG H JV
+    J)."""
     names = {
         "F": "Forward",
         "G": "Gradient",
         "C": "CheckGradient",
         "GG": "GradientGraph",
         "H": "HessianVectorProduct",
+        "JV": "JacobianVectorProduct",
+        "J": "Jacobian",
     }
     for initials in rpcs.split():
         rpc = names[initials]
@@ -1218,7 +1223,15 @@ case(
 )
 case("fetch naming no node", "Forward", lecture("Forward", fetch=["phantom"]), INVALID, "phantom")
 case("100 KB fetch name", "Gradient", lecture("Gradient", fetch=["p" * 100_000]), INVALID, "fetch")
-for rpc in ("Forward", "Gradient", "CheckGradient", "GradientGraph", "HessianVectorProduct"):
+for rpc in (
+    "Forward",
+    "Gradient",
+    "CheckGradient",
+    "GradientGraph",
+    "HessianVectorProduct",
+    "JacobianVectorProduct",
+    "Jacobian",
+):
     case(
         "graph and graph_digest both set",
         rpc,
@@ -1320,6 +1333,397 @@ case(
     "'x'",
 )
 
+# -- JacobianVectorProduct ---------------------------------------------------------------------
+
+JVP = "JacobianVectorProduct"
+INT_INPUT = G(X, N("f", "cast", "x", dtype="float64"))  # x fed ints, f float
+BATCHED = {"batched_tangents": True}
+
+
+def jvp(graph=LECTURE_GRAPH, inputs=LECTURE_INPUTS, **fields: Any):
+    fields.setdefault("output", "f")
+    return request(JVP, graph, inputs, **fields)
+
+
+case(
+    "JVP tangent of the wrong shape",
+    JVP,
+    jvp(CUBE, VEC3, tangents={"x": t(np.ones(4))}),
+    INVALID,
+    "'x'",
+    "[4]",
+    "[3]",
+)
+case("JVP tangent of ints", JVP, jvp(tangents={"x": t(1)}), INVALID, "'x'", "int64")
+case("JVP tangent of bools", JVP, jvp(tangents={"y": t(True)}), INVALID, "'y'", "bool")
+case(
+    "JVP tangent for a computed node",
+    JVP,
+    jvp(tangents={"q": t(1.0)}),
+    INVALID,
+    "'q'",
+    "not an input",
+)
+case("JVP tangent for no node", JVP, jvp(tangents={"ghost": t(1.0)}), INVALID, "'ghost'")
+case(
+    "JVP tangent for an int input",
+    JVP,
+    jvp(INT_INPUT, {"x": t([1, 2])}, tangents={"x": t([1.0, 1.0])}),
+    INVALID,
+    "'x'",
+    "int64",
+)
+case(
+    "JVP tangent with a short payload",
+    JVP,
+    jvp(tangents={"x": raw_tensor(FLOAT64, [], data=b"\0" * 4)}),
+    INVALID,
+    "'x'",
+)
+case(
+    "JVP tangent claiming 2^40 elements without data",
+    JVP,
+    jvp(tangents={"x": raw_tensor(FLOAT64, [1 << 20, 1 << 20])}),
+    INVALID,
+    "'x'",
+)
+case("JVP without output", JVP, jvp(output=""), INVALID, "output")
+case("JVP output naming no node", JVP, jvp(output="nowhere"), INVALID, "nowhere")
+case(
+    "JVP of an int output",
+    JVP,
+    jvp(G(X, N("f", "sum", "x")), {"x": t([1, 2])}),
+    INVALID,
+    "'f'",
+    "int64",
+)
+case("JVP tangents_of naming no node", JVP, jvp(tangents_of=["ghost"]), INVALID, "ghost")
+case(
+    "JVP tangents_of an int node",
+    JVP,
+    jvp(G(X, N("i", "cast", "x", dtype="int64"), N("f", "neg", "x")), ONE, tangents_of=["i"]),
+    INVALID,
+    "'i'",
+    "int64",
+)
+case("JVP fetch naming no node", JVP, jvp(fetch=["phantom"]), INVALID, "phantom")
+case(
+    "JVP batched tangents of different K",
+    JVP,
+    jvp(tangents={"x": t(np.ones(2)), "y": t(np.ones(3))}, **BATCHED),
+    INVALID,
+    "disagree on K",
+    "2 rows for input 'x'",
+    "3 for input 'y'",
+)
+case(
+    "JVP batched tangent without its K axis",
+    JVP,
+    jvp(tangents={"x": t(1.0)}, **BATCHED),
+    INVALID,
+    "'x'",
+    "[K]",
+)
+case("JVP batched tangents, none sent", JVP, jvp(**BATCHED), INVALID, "at least one tangent")
+case(
+    "JVP batched tangents with K = 0: no products",
+    JVP,
+    jvp(tangents={"x": t(np.ones(0))}, **BATCHED),
+    OK,
+)
+# 400 tangents of x, each making a 400 x 1000 tangent of y: 1.6e8 stacked elements
+BROADCAST = G(X, N("y", "broadcast_to", "x", shape=[400, 1000]), N("f", "sum", "y"))
+case(
+    "JVP of K = 400 stacked tangents of 400,000 elements",
+    JVP,
+    jvp(
+        BROADCAST,
+        {"x": t(np.ones(1000))},
+        tangents={"x": t(np.ones((400, 1000)), np.float32)},
+        tangents_of=["y"],
+        **BATCHED,
+    ),
+    EXHAUSTED,
+    "400 stacked results",
+    "max_tensor_elements",
+)
+# 100,000 tangents, each a pass over 100,000 exps: about 1e13 flops
+EXPS = G(X, N("y", "broadcast_to", "x", shape=[100, 1000]), N("e", "exp", "y"), N("f", "sum", "e"))
+case(
+    "JVP of K = 100,000 products over max_flops",
+    JVP,
+    jvp(EXPS, ONE, tangents={"x": t(np.ones(100_000))}, **BATCHED),
+    EXHAUSTED,
+    "100000 products",
+    "max_flops",
+)
+# 900 stacked tangents of 6 nodes of 1000 float64 each: 43 MB, each under the element limit
+# (exp, so that each node's tangent is a node of its own)
+NEGS = G(
+    X, *(N(f"n{i}", "exp", "x" if i == 0 else f"n{i - 1}") for i in range(4)), N("f", "exp", "n3")
+)
+case(
+    "JVP of 900 stacked tangents of every node over max_bytes",
+    JVP,
+    jvp(
+        NEGS,
+        {"x": t(np.ones(1000))},
+        tangents={"x": t(np.ones((900, 1000)), np.float32)},
+        all_tangents=True,
+        **BATCHED,
+    ),
+    EXHAUSTED,
+    "max_bytes",
+)
+
+# -- Jacobian ----------------------------------------------------------------------------------
+
+
+def jac(graph=LECTURE_GRAPH, inputs=LECTURE_INPUTS, **fields: Any):
+    fields.setdefault("output", "f")
+    return request("Jacobian", graph, inputs, **fields)
+
+
+REVERSE, FORWARD = service_pb2.JACOBIAN_MODE_REVERSE, service_pb2.JACOBIAN_MODE_FORWARD
+case("Jacobian of an unknown mode", "Jacobian", jac(mode=7), INVALID, "mode", "7")
+case("Jacobian wrt a computed node", "Jacobian", jac(wrt=["q"]), INVALID, "'q'", "input")
+case("Jacobian wrt no node", "Jacobian", jac(wrt=["ghost"]), INVALID, "ghost")
+case(
+    "Jacobian wrt an int input",
+    "Jacobian",
+    jac(
+        G(X, Y, N("c", "cast", "y", dtype="float64"), N("f", "add", "x", "c")),
+        {"x": t(1.0), "y": t(2)},
+        wrt=["y"],
+    ),
+    INVALID,
+    "'y'",
+    "int64",
+)
+case(
+    "Jacobian of an int output",
+    "Jacobian",
+    jac(G(X, N("f", "sum", "x")), {"x": t([1, 2])}),
+    INVALID,
+    "'f'",
+    "int64",
+)
+case("Jacobian without output", "Jacobian", jac(output=""), INVALID, "output")
+case("Jacobian output naming no node", "Jacobian", jac(output="nowhere"), INVALID, "nowhere")
+case(
+    "Jacobian of 400,000 outputs by reverse mode",
+    "Jacobian",
+    jac(BROADCAST, {"x": t(np.ones(1000))}, output="y", mode=REVERSE),
+    EXHAUSTED,
+    "reverse mode",
+    "400000 products",
+    "max_tensor_elements",
+)
+case(
+    "Jacobian of 100,000 inputs by forward mode",
+    "Jacobian",
+    jac(SUM, {"x": t(np.ones(100_000))}, mode=FORWARD),
+    EXHAUSTED,
+    "forward mode",
+    "100000 products",
+    "max_tensor_elements",
+)
+case(
+    "Jacobian of 400,000 outputs by 1000 inputs",
+    "Jacobian",
+    jac(BROADCAST, {"x": t(np.ones(1000))}, output="y"),
+    EXHAUSTED,
+    "forward mode",
+    "'x'",
+    "max_tensor_elements",
+)
+# five 900 x 900 blocks and the 900 x 900 seeds, each under the element limit: 39 MB
+FIVE = G(
+    *(N(v, "input") for v in "abcde"),
+    N("s", "add", "a", "b"),
+    N("u", "add", "s", "c"),
+    N("w", "add", "u", "d"),
+    N("f", "add", "w", "e"),
+)
+case(
+    "Jacobian of five 900 x 900 blocks over max_bytes",
+    "Jacobian",
+    jac(FIVE, {v: t(np.ones(900)) for v in "abcde"}),
+    EXHAUSTED,
+    "reverse mode",
+    "max_bytes",
+)
+case("Jacobian of no elements", "Jacobian", jac(SUM, {"x": t(np.ones(0))}), OK)
+
+# -- Gradient with batched seeds ---------------------------------------------------------------
+
+STACKED = {"batched_seed": True}
+case("batched_seed without a seed", "Gradient", lecture("Gradient", **STACKED), INVALID, "no seed")
+case(
+    "int seeds with batched_seed",
+    "Gradient",
+    lecture("Gradient", seed=t([1, 2]), **STACKED),
+    INVALID,
+    "seed",
+    "int64",
+)
+case(
+    "batched seed without its K axis",
+    "Gradient",
+    lecture("Gradient", seed=t(1.0), **STACKED),
+    INVALID,
+    "seed",
+    "[K]",
+)
+case(
+    "batched seeds of the wrong shape",
+    "Gradient",
+    request("Gradient", NEG, VEC3, output="f", seed=t(np.ones((2, 4))), **STACKED),
+    INVALID,
+    "seed",
+    "[2, 4]",
+    "[K] + [3]",
+)
+case(
+    "batched seeds claiming 2^40 elements without data",
+    "Gradient",
+    lecture("Gradient", seed=raw_tensor(FLOAT64, [1 << 20, 1 << 20]), **STACKED),
+    INVALID,
+    "seed",
+)
+case(
+    "batched_seed together with batch_axes",
+    "Gradient",
+    request(
+        "Gradient",
+        SUM,
+        {"x": t(np.ones((2, 3)))},
+        output="f",
+        seed=t(np.ones(2)),
+        batch_axes={"x": 0},
+        **STACKED,
+    ),
+    INVALID,
+    "batch_axes and batched_seed",
+)
+case(
+    "batched seeds with K = 0: no products",
+    "Gradient",
+    lecture("Gradient", seed=t(np.ones(0)), **STACKED),
+    OK,
+)
+case(
+    "K = 100,000 batched seeds over max_flops",
+    "Gradient",
+    request("Gradient", EXPS, ONE, output="f", wrt=["x"], seed=t(np.ones(100_000)), **STACKED),
+    EXHAUSTED,
+    "100000 products",
+    "max_flops",
+)
+
+# -- Gradient with per-example batch axes ------------------------------------------------------
+
+MATVEC = G(X, N("w", "input"), N("q", "matmul", "w", "x"), N("f", "sum", "q"))
+PAIR = {"x": t(np.ones((4, 3))), "w": t(np.ones((2, 3)))}
+
+
+def per_example(graph=MATVEC, inputs=PAIR, **fields: Any):
+    fields.setdefault("output", "f")
+    return request("Gradient", graph, inputs, **fields)
+
+
+case(
+    "batch_axes naming no node",
+    "Gradient",
+    per_example(batch_axes={"ghost": 0}),
+    INVALID,
+    "'ghost'",
+)
+case(
+    "batch_axes naming a computed node",
+    "Gradient",
+    per_example(batch_axes={"q": 0}),
+    INVALID,
+    "'q'",
+    "not an input",
+)
+case(
+    "batch_axes naming an input not fed",
+    "Gradient",
+    per_example(inputs={"x": PAIR["x"]}, batch_axes={"w": 0}),
+    INVALID,
+    "'w'",
+    "not fed",
+)
+case(
+    "batch axis out of range",
+    "Gradient",
+    per_example(batch_axes={"x": 2}),
+    INVALID,
+    "'x'",
+    "out of range",
+)
+case(
+    "batch axis -2^31",
+    "Gradient",
+    per_example(batch_axes={"x": -(2**31)}),
+    INVALID,
+    "'x'",
+    "out of range",
+)
+case(
+    "batched inputs of different batch sizes",
+    "Gradient",
+    per_example(batch_axes={"x": 0, "w": 0}),
+    INVALID,
+    "disagree on the batch size",
+    "'x'",
+    "'w'",
+)
+case(
+    "a batch of B = 0 examples",
+    "Gradient",
+    per_example(inputs={**PAIR, "x": t(np.ones((0, 3)))}, batch_axes={"x": 0}),
+    INVALID,
+    "'x'",
+    "no examples",
+)
+case(
+    "per-example outputs of several elements without seeds",
+    "Gradient",
+    per_example(output="q", batch_axes={"x": 0}),
+    INVALID,
+    "'q'",
+    "seed",
+)
+case(
+    "per-example seeds of the wrong shape",
+    "Gradient",
+    per_example(output="q", batch_axes={"x": 0}, seed=t(np.ones((3, 2)))),
+    INVALID,
+    "seed",
+    "[3, 2]",
+    "[4] + [2]",
+)
+case(
+    "per-example seeds of ints",
+    "Gradient",
+    per_example(output="q", batch_axes={"x": 0}, seed=t(np.ones((4, 2), np.int64))),
+    INVALID,
+    "seed",
+    "int64",
+)
+case(
+    "per-example gradients of a shared 200 x 3 input tiled 100,000 times",
+    "Gradient",
+    per_example(
+        inputs={"x": t(np.ones((100_000, 3)), np.float32), "w": t(np.ones((200, 3)), np.float32)},
+        batch_axes={"x": 0},
+    ),
+    EXHAUSTED,
+    "max_tensor_elements",
+)
+
 # -- bytes that do not parse -------------------------------------------------------------------
 
 UNARY_TYPES = {
@@ -1328,6 +1732,8 @@ UNARY_TYPES = {
     "CheckGradient": service_pb2.CheckGradientRequest,
     "GradientGraph": service_pb2.GradientGraphRequest,
     "HessianVectorProduct": service_pb2.HessianVectorProductRequest,
+    "JacobianVectorProduct": service_pb2.JacobianVectorProductRequest,
+    "Jacobian": service_pb2.JacobianRequest,
 }
 for seed, (rpc, kind) in enumerate(UNARY_TYPES.items()):
     case("random bytes", rpc, garbage(seed, 200, kind), INVALID)
@@ -1861,6 +2267,8 @@ SHORT = {
     "CheckGradient": "C",
     "GradientGraph": "GG",
     "HessianVectorProduct": "H",
+    "JacobianVectorProduct": "JV",
+    "Jacobian": "J",
     "Session": "S",
 }
 

@@ -823,9 +823,12 @@ class Engine:
         rows: int,
         batched_feeds: Mapping[str, np.ndarray],
         types: Mapping[str, TensorType],
+        repeated: Sequence[TensorType] = (),
     ) -> None:
         """Charge K rows against the limits before anything runs: the forward pass once, the
-        per-row part K times, and the K stacked results (and the stacked feeds) held at once."""
+        per-row part K times, and the K stacked results (and the stacked feeds) held at once.
+        `repeated` are the types of results computed once but returned stacked K times (a
+        gradient or tangent that does not depend on the batched seeds or tangents)."""
         self._check_plan(split.once, types)
         row_flops = row_bytes = largest = 0
         if split.per_row is not None:
@@ -833,7 +836,10 @@ class Engine:
             row_flops = split.per_row.estimated_flops
             row_bytes = split.per_row.estimated_bytes
             largest = max((t.size for t in split.row_types.values()), default=0)
-        stacked = sum(t.size * t.dtype.itemsize for t in split.row_types.values()) * rows
+        largest = max([largest, *(t.size for t in repeated)])
+        stacked = (
+            sum(t.size * t.dtype.itemsize for t in [*split.row_types.values(), *repeated]) * rows
+        )
         held = (
             split.once.estimated_bytes
             + row_bytes
@@ -926,7 +932,12 @@ class Engine:
         )
         assert isinstance(split, _BatchedPlan)
         batched = {combined.seed: seed_values}
-        self._check_batched(split, rows, batched, combined.types)
+        repeated = [
+            combined.types[node]
+            for node in _order(list(combined.gradients.values()))
+            if node not in split.row_types
+        ]
+        self._check_batched(split, rows, batched, combined.types, repeated)
         once, stacked = self._run_batched(split, feeds, batched, rows, check_deadline)
 
         def row_values(name: str) -> np.ndarray:
@@ -1058,7 +1069,12 @@ class Engine:
             ),
         )
         assert isinstance(split, _BatchedPlan)
-        self._check_batched(split, rows, cast, compiled.types)
+        repeated = [
+            compiled.types[compiled.aliases.get(node, node)]
+            for node in _order(list(compiled.tangents.values()))
+            if node not in split.row_types
+        ]
+        self._check_batched(split, rows, cast, compiled.types, repeated)
         once, stacked = self._run_batched(split, run_feeds, cast, rows, check_deadline)
 
         def row_values(name: str) -> np.ndarray:
@@ -1081,7 +1097,8 @@ class Engine:
         input's shape (with a leading axis of K, the same for all, when batched); returns K
         (1 when not batched)."""
         rows: int | None = None
-        for name, value in tangents.items():
+        first = ""
+        for name, value in sorted(tangents.items()):
             node = graph.nodes.get(name)
             if name not in feed_types or node is None or node.op != "input":
                 hint = did_you_mean(name, feed_types) if node is None else ""
@@ -1123,12 +1140,12 @@ class Engine:
             if batched:
                 if rows is not None and value.shape[0] != rows:
                     raise GraphError(
-                        f"batched tangents disagree on K: {rows} rows, but {value.shape[0]} for "
-                        f"input {name!r}",
+                        f"batched tangents disagree on K: {rows} rows for input {first!r}, but "
+                        f"{value.shape[0]} for input {name!r}",
                         node=name,
                         field="tangents",
                     )
-                rows = int(value.shape[0])
+                rows, first = int(value.shape[0]), first or name
         if batched and rows is None:
             raise GraphError(
                 "batched tangents need at least one tangent (K is its leading axis)",
@@ -1191,6 +1208,7 @@ class Engine:
         jacobians: dict[str, np.ndarray] = {}
         if not names:
             return JacobianResult(jacobians, mode, 0)
+        self._check_jacobian(graph, output, out_type, {n: feed_types[n] for n in names}, mode)
         if mode == "reverse":
             rows = out_type.size
             seeds = np.eye(rows, dtype=out_type.dtype).reshape((rows, *out_type.shape))
@@ -1226,6 +1244,54 @@ class Engine:
             )
             offset += in_type.size
         return JacobianResult(jacobians, mode, rows)
+
+    def _check_jacobian(
+        self,
+        graph: Graph,
+        output: str,
+        out_type: TensorType,
+        in_types: Mapping[str, TensorType],
+        mode: str,
+    ) -> None:
+        """Charge a Jacobian against the limits before its seeds or tangents are made: each
+        block (output's size x an input's size), the identity rows sent through the graph
+        (reverse: output size x output size; forward: products x each input's size), and all
+        of them held at once."""
+        out_size = out_type.size
+        in_total = sum(t.size for t in in_types.values())
+        products = out_size if mode == "reverse" else in_total
+        if mode == "reverse":
+            rows = {"seeds": (out_size * out_size, out_type.dtype.itemsize)}
+        else:
+            rows = {
+                f"tangents of {name!r}": (products * t.size, t.dtype.itemsize)
+                for name, t in in_types.items()
+            }
+        blocks = {
+            f"the block of {name!r}": (
+                out_size * t.size,
+                np.result_type(out_type.dtype, t.dtype).itemsize,
+            )
+            for name, t in in_types.items()
+        }
+        held = 0
+        for what, (elements, itemsize) in {**rows, **blocks}.items():
+            if elements > self.limits.max_tensor_elements:
+                raise LimitExceeded(
+                    f"the Jacobian of output {graph[output].describe()} ({out_size} elements) "
+                    f"by {mode} mode takes {products} products: {what} would hold {elements} "
+                    f"elements; the limit (max_tensor_elements) is "
+                    f"{self.limits.max_tensor_elements}",
+                    limit="max_tensor_elements",
+                )
+            held += elements * itemsize
+        if held > self.limits.max_bytes:
+            raise LimitExceeded(
+                f"the Jacobian of output {graph[output].describe()} ({out_size} elements) by "
+                f"{mode} mode ({products} products) would hold about {held} bytes; the limit "
+                f"(max_bytes) is {self.limits.max_bytes}",
+                limit="max_bytes",
+            )
 
     # -- Per-example gradients (vmap of grad) ---------------------------------------------
 
