@@ -1,6 +1,8 @@
 """Property-based fuzzing of the gRPC API against the error contract (DESIGN.md section 5).
 
-Random, op-aware requests to every compute RPC either succeed or fail with INVALID_ARGUMENT,
+Random, op-aware requests to every compute RPC (JacobianVectorProduct with plain and batched
+tangents and Jacobian in every mode among them; Gradient with K stacked seeds or per-example
+batch axes too) either succeed or fail with INVALID_ARGUMENT,
 RESOURCE_EXHAUSTED or DEADLINE_EXCEEDED, with a non-empty message and no Python traceback;
 never INTERNAL or UNKNOWN. A call stays within the server's configured memory limit, and
 afterwards the same server still answers the lecture's f = (x + y) * z exactly.
@@ -455,15 +457,75 @@ def tolerance(draw) -> float | None:
     return draw(st.one_of(st.sampled_from([1e-6, 1e-3, 0.0, -1e-6, 1e-300, 1e300]), st.floats()))
 
 
+def _fits(shape) -> tuple[int, ...] | None:
+    """`shape` if tensors() can fill it (a few small dimensions), else None."""
+    shape = tuple(shape)
+    if len(shape) > 8 or any(not 0 <= d <= 5 for d in shape):
+        return None
+    return shape
+
+
+@st.composite
+def stacked_tensors(draw, shape, rows: int):
+    """Mostly a float64 tensor of `rows` stacked tensors of `shape` ([rows] + shape), else
+    any tensor."""
+    shape = None if shape is None else _fits(shape)
+    if shape is None or rare(draw, 15):
+        return draw(tensors())
+    return draw(tensors(shape=(rows, *shape), dtype=None if rare(draw, 10) else FLOAT64))
+
+
+@st.composite
+def vectors(draw, inputs, names: list[str], rows: int | None = None) -> dict:
+    """Per-input vectors (an HVP's vector, a JVP's tangents): mostly a float tensor of the
+    input's shape (with `rows` stacked along a new leading axis when given), sometimes
+    anything, sometimes for a node that is no input or none at all."""
+    vector = {}
+    for name, tensor in inputs.items():
+        if not rare(draw, 30):
+            same_shape = None if rare(draw, 15) else _fits(tensor.shape)
+            if rows is not None:
+                # Now and then one input disagrees on K.
+                k = rows if not rare(draw, 8) else draw(st.integers(0, 3))
+                vector[name] = draw(stacked_tensors(same_shape, k))
+            else:
+                dtype = None if rare(draw, 15) else FLOAT64
+                vector[name] = draw(tensors(shape=same_shape, dtype=dtype))
+    if rare(draw, 5):
+        vector[draw(st.sampled_from(["missing", "", *names]))] = draw(tensors())
+    return vector
+
+
+@st.composite
+def batch_axes(draw, inputs, names: list[str]) -> dict[str, int]:
+    """batch_axes: an axis (mostly 0 or -1, sometimes out of range or extreme) for some fed
+    inputs, sometimes for a node that is no input or none at all."""
+    axes = {}
+    for name in inputs:
+        if draw(st.booleans()):
+            extreme = st.sampled_from([-(2**31), 2**31 - 1, 7, -9])
+            axes[name] = draw(extreme) if rare(draw, 10) else draw(st.sampled_from([0, 0, -1, 1]))
+    if not axes or rare(draw, 5):
+        axes[draw(st.sampled_from(["missing", "", *names]))] = draw(st.integers(-1, 1))
+    return axes
+
+
+METHODS = [
+    "Gradient",
+    "Forward",
+    "CheckGradient",
+    "GradientGraph",
+    "HessianVectorProduct",
+    "JacobianVectorProduct",
+    "Jacobian",
+]
+
+
 @st.composite
 def requests(draw) -> tuple[str, object]:
-    """One request to one of the five compute RPCs."""
+    """One request to one of the seven compute RPCs."""
     _chaos[0] = draw(st.sampled_from([0.0, 1.0, 2.5]))
-    method = draw(
-        st.sampled_from(
-            ["Gradient", "Forward", "CheckGradient", "GradientGraph", "HessianVectorProduct"]
-        )
-    )
+    method = draw(st.sampled_from(METHODS))
     # An op that most non-source nodes of this example use, so chains of it get built; the
     # window ops get 4-d operands.
     focus = draw(st.sampled_from(REAL_OPS))
@@ -492,7 +554,24 @@ def requests(draw) -> tuple[str, object]:
             fetch=draw(name_lists(names)),
             response_payload=payload_forms(draw),
         )
-        draw(seeds(request, shape))
+        kind = draw(st.sampled_from(["plain", "plain", "batched_seed", "batch_axes"]))
+        if kind == "plain" or rare(draw, 10):
+            draw(seeds(request, shape))
+        if kind == "batched_seed" or rare(draw, 5):
+            # K seeds of the output's shape (the shared one most often) stacked, or none
+            request.batched_seed = True
+            if not rare(draw, 10):
+                rows = draw(st.sampled_from([1, 2, 3, 0]))
+                seed_shape = draw(st.sampled_from([shape, ()]))
+                request.seed.CopyFrom(draw(stacked_tensors(seed_shape, rows)))
+        if kind == "batch_axes" or rare(draw, 5):
+            request.batch_axes.update(draw(batch_axes(inputs, names)))
+            if not request.HasField("seed") and rare(draw, 30):
+                # B per-example seeds: B is the size of the shared shape's first axis
+                rows = shape[0] if shape else 1
+                request.seed.CopyFrom(
+                    draw(stacked_tensors(draw(st.sampled_from([(), shape[1:]])), rows))
+                )
         return method, request
     if method == "CheckGradient":
         request = service_pb2.CheckGradientRequest(
@@ -519,24 +598,34 @@ def requests(draw) -> tuple[str, object]:
             output=draw(node_names(names)),
             wrt=draw(name_lists(names)),
         )
-    vector = {}
-    for name, tensor in inputs.items():
-        if not rare(draw, 30):
-            # Mostly a float tensor of the input's shape, sometimes anything.
-            same_shape = None if rare(draw, 15) else tuple(tensor.shape)
-            if same_shape is not None and (
-                len(same_shape) > 8 or any(not 0 <= d <= 5 for d in same_shape)
-            ):
-                same_shape = None
-            dtype = None if rare(draw, 15) else FLOAT64
-            vector[name] = draw(tensors(shape=same_shape, dtype=dtype))
-    if rare(draw, 5):
-        vector[draw(st.sampled_from(["missing", "", *names]))] = draw(tensors())
+    if method == "JacobianVectorProduct":
+        batched = draw(st.booleans())
+        rows = draw(st.sampled_from([1, 2, 3, 0])) if batched else None
+        return method, service_pb2.JacobianVectorProductRequest(
+            graph=graph,
+            inputs=inputs,
+            output=draw(node_names(names)),
+            tangents=draw(vectors(inputs, names, rows)),
+            tangents_of=draw(name_lists(names)),
+            all_tangents=rare(draw, 25),
+            fetch=draw(name_lists(names)),
+            batched_tangents=batched != rare(draw, 5),
+            response_payload=payload_forms(draw),
+        )
+    if method == "Jacobian":
+        return method, service_pb2.JacobianRequest(
+            graph=graph,
+            inputs=inputs,
+            output=draw(node_names(names)),
+            wrt=draw(name_lists(names)),
+            mode=draw(st.sampled_from([0, 1, 2] + [3, 99] * rare(draw, 5))),
+            response_payload=payload_forms(draw),
+        )
     return method, service_pb2.HessianVectorProductRequest(
         graph=graph,
         inputs=inputs,
         output=draw(node_names(names)),
-        vector=vector,
+        vector=draw(vectors(inputs, names)),
         response_payload=payload_forms(draw),
     )
 
@@ -603,6 +692,8 @@ TENSOR_FIELDS = {
     "Forward": ("values",),
     "Gradient": ("values", "gradients"),
     "HessianVectorProduct": ("products",),
+    "JacobianVectorProduct": ("values", "tangents"),
+    "Jacobian": ("jacobians",),
 }
 
 
@@ -611,6 +702,41 @@ def assert_decodes(method: str, response) -> None:
     for field in TENSOR_FIELDS.get(method, ()):
         for tensor in getattr(response, field).values():
             from_proto(tensor)
+
+
+def _shape(tensor: tensor_pb2.Tensor) -> tuple[int, ...]:
+    return tuple(from_proto(tensor).shape)
+
+
+def assert_shapes(stub: service_grpc.GradientServiceStub, method: str, request, response) -> None:
+    """The products of the new RPCs and fields have the shapes their contracts give: a
+    tangent its node's (after [K] when batched), a Jacobian output's + input's, a gradient of
+    K stacked seeds [K] + its node's, a per-example gradient its stacked value's ([B] + the
+    node's)."""
+    if method == "JacobianVectorProduct":
+        rows = ()
+        if request.batched_tangents:
+            rows = tuple(_shape(next(iter(request.tangents.values())))[:1])
+        for name, tangent in response.tangents.items():
+            if name in response.values:
+                assert _shape(tangent) == rows + _shape(response.values[name]), name
+    elif method == "Jacobian":
+        forward = call(
+            stub,
+            "Forward",
+            service_pb2.ForwardRequest(
+                graph=request.graph, inputs=request.inputs, fetch=[request.output]
+            ),
+        )
+        if forward is not None:
+            out_shape = _shape(forward.values[request.output])
+            for name, jacobian in response.jacobians.items():
+                assert _shape(jacobian) == out_shape + _shape(request.inputs[name]), name
+    elif method == "Gradient" and (request.batched_seed or request.batch_axes):
+        rows = tuple(_shape(request.seed)[:1]) if request.batched_seed else ()
+        for name, gradient in response.gradients.items():
+            if name in response.values:
+                assert _shape(gradient) == rows + _shape(response.values[name]), name
 
 
 @settings(
@@ -645,6 +771,8 @@ def test_random_requests_get_clean_statuses_and_the_server_keeps_serving(stub, d
                 )
                 if forward is not None:
                     assert_decodes("Forward", forward)
+        else:
+            assert_shapes(stub, method, request, response)
     assert_serves_lecture(stub, timeout=LECTURE_TIMEOUT)
 
 
@@ -738,4 +866,51 @@ def test_known_bad_requests(stub, request_):
     response = call(stub, "Forward", request_)
     if response is not None:
         assert_decodes("Forward", response)
+    assert_serves_lecture(stub, timeout=LECTURE_TIMEOUT)
+
+
+# Found by the fuzzer in the new RPCs, fixed; each must succeed with shapes as contracted.
+TWO_INPUTS = graph_pb2.Graph(nodes=[_node("x", "input"), _node("y", "input")])
+KNOWN_PRODUCTS = {
+    # the tangent of x reaches no requested node: KeyError (INTERNAL) in building the graph
+    "JVP with a tangent of an input the output does not depend on": (
+        "JacobianVectorProduct",
+        service_pb2.JacobianVectorProductRequest(
+            graph=TWO_INPUTS,
+            inputs={"x": scalar(0.0), "y": scalar(0.0)},
+            output="y",
+            tangents={"x": scalar(1.0), "y": scalar(2.0)},
+        ),
+    ),
+    "batched JVP with only such a tangent": (
+        "JacobianVectorProduct",
+        service_pb2.JacobianVectorProductRequest(
+            graph=TWO_INPUTS,
+            inputs={"x": scalar(0.0), "y": scalar(0.0)},
+            output="y",
+            tangents={"x": _feed(3)},
+            batched_tangents=True,
+        ),
+    ),
+    # np.ascontiguousarray made the 0-d block of shape [1]
+    "forward-mode Jacobian of a scalar by a scalar": (
+        "Jacobian",
+        service_pb2.JacobianRequest(
+            graph=graph_pb2.Graph(nodes=[X, _node("f", "exp", "x")]),
+            inputs={"x": scalar(0.5)},
+            output="f",
+            mode=service_pb2.JACOBIAN_MODE_FORWARD,
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", KNOWN_PRODUCTS.values(), ids=KNOWN_PRODUCTS.keys())
+def test_known_requests_of_the_new_rpcs(stub, case):
+    method, request_ = case
+    assert_serves_lecture(stub, timeout=600)
+    response = call(stub, method, request_)
+    assert response is not None, method
+    assert_decodes(method, response)
+    assert_shapes(stub, method, request_, response)
     assert_serves_lecture(stub, timeout=LECTURE_TIMEOUT)

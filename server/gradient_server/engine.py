@@ -1007,7 +1007,8 @@ class Engine:
         )
 
         def compile_plan() -> _JvpPlan:
-            needed = graph.ancestors([*nodes, *fetch_names])
+            # the inputs taking tangents too, those that reach no requested node included
+            needed = graph.ancestors([*nodes, *fetch_names, *directions])
             types = infer_types(graph, feed_types, needed, check_deadline)
             for name in named:
                 if not types[name].is_float:
@@ -1239,8 +1240,10 @@ class Engine:
             in_type = feed_types[name]
             block = stacked[offset : offset + in_type.size].T
             dtype = np.result_type(out_type.dtype, in_type.dtype)
-            jacobians[name] = np.ascontiguousarray(
-                block.reshape(out_type.shape + in_type.shape), dtype=dtype
+            # np.array, not np.ascontiguousarray: that one turns a 0-d block (a scalar
+            # output by a scalar input) into shape [1]
+            jacobians[name] = np.array(
+                block.reshape(out_type.shape + in_type.shape), dtype=dtype, order="C"
             )
             offset += in_type.size
         return JacobianResult(jacobians, mode, rows)
