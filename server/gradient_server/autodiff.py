@@ -7,6 +7,7 @@ executed, returned, drawn and differentiated again.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -37,28 +38,36 @@ class GradientGraph:
 
 
 class _Builder:
-    """Emits typed nodes under fresh names (the Emitter that gradient rules see)."""
+    """Emits typed nodes under fresh names (the Emitter that gradient rules see).
 
-    def __init__(self, taken: Iterable[str], types: dict[str, TensorType], stem: str = "grad"):
+    The nodes it emits are `nodes`, their types `node_types`, in the order emitted.
+    """
+
+    def __init__(self, taken: Iterable[str], stem: str = "grad"):
         prefix = stem
         while any(name.startswith(prefix + "/") for name in taken):
             prefix += "_"
         self.prefix = prefix
-        self.types = types
         self.nodes: list[Node] = []
-        self.node_types: list[TensorType] = []  # the types of `nodes`, in their order
+        self.node_types: list[TensorType] = []
         self._count = 0
         self._memo = TypeMemo()
         self._defaults_and_types: dict[tuple[Any, ...], tuple[Any, TensorType, Any]] = {}
         self._constants: dict[tuple[str, Any], Ref] = {}
         self._numbers: dict[tuple[type, Any], Ref] = {}  # _constants by the Python number
 
+    def intern_types(self, types: list[TensorType]) -> None:
+        """Make these the types that emitted nodes of equal types get."""
+        for tensor_type in dict(zip(map(id, types), types, strict=True)).values():
+            self._memo.intern(tensor_type)
+
     def fresh_name(self, stem: str) -> str:
         self._count += 1
         return f"{self.prefix}/{stem}_{self._count}"
 
-    def emit(self, node: Node) -> Ref:
-        return self._emit(node, tuple(map(self.types.__getitem__, node.inputs)))
+    def emitted_types(self) -> dict[str, TensorType]:
+        """The types of the emitted nodes by name."""
+        return dict(zip([node.name for node in self.nodes], self.node_types, strict=True))
 
     def _emit(self, node: Node, input_types: tuple[TensorType, ...]) -> Ref:
         try:
@@ -67,7 +76,6 @@ class _Builder:
             raise RuntimeError(f"a gradient rule built an invalid node: {e}") from None
         self.nodes.append(node)
         self.node_types.append(node_type)
-        self.types[node.name] = node_type
         return Ref(node.name, node_type)
 
     def input(self, stem: str, dtype: np.dtype, shape: tuple[int, ...]) -> Ref:
@@ -77,49 +85,18 @@ class _Builder:
         node_type = TensorType(dtype, shape)
         self.nodes.append(node)
         self.node_types.append(node_type)
-        self.types[node.name] = node_type
         return Ref(node.name, node_type)
 
     def op(self, op: str, *inputs: Ref | float, **attrs: Any) -> Ref:
-        return self._op(op, inputs, attrs)
+        return _emitter(op)(self, *inputs, **attrs)
 
     def __getattr__(self, op: str) -> Callable[..., Ref]:
-        # b.mul(x, y) is b.op("mul", x, y). The method is added to the class when first asked
-        # for, so that later calls find it at once (big gradients make millions of calls).
+        # b.mul(x, y) is b.op("mul", x, y). The op's method is added to the class when first
+        # asked for, so that later calls find it at once (big gradients make millions).
         if op not in OPS:
             raise AttributeError(op)
-
-        def emit_op(builder: _Builder, *inputs: Ref | float, **attrs: Any) -> Ref:
-            return builder._op(op, inputs, attrs)
-
-        setattr(_Builder, op, emit_op)
+        setattr(_Builder, op, _emitter(op))
         return getattr(self, op)
-
-    def _op(self, op: str, operands: tuple[Ref | float, ...], attrs: dict[str, Any]) -> Ref:
-        names, input_types = [], []
-        for operand in operands:
-            ref = operand if isinstance(operand, Ref) else self._constant(operand)
-            names.append(ref.name)
-            input_types.append(ref.type)
-        self._count += 1
-        name = f"{self.prefix}/{op}_{self._count}"  # fresh_name's, without its call
-        if attrs:
-            return self._emit(make_node(name, op, names, attrs), tuple(input_types))
-        # Most emitted nodes have all attributes at their defaults: then the attributes and
-        # the type depend only on the op and the operand types, and are remembered by them
-        # (by identity, as TypeMemo does; the entry holds the types), which saves building
-        # and checking the node's attributes and its memo key on every call.
-        key = (op, *map(id, input_types))
-        known = self._defaults_and_types.get(key)
-        if known is None:
-            ref = self._emit(make_node(name, op, names, attrs), tuple(input_types))
-            self._defaults_and_types[key] = (self.nodes[-1].attrs, ref.type, input_types)
-            return ref
-        defaults, node_type, _ = known
-        self.nodes.append(Node(name, op, tuple(names), defaults))
-        self.node_types.append(node_type)
-        self.types[name] = node_type
-        return Ref(name, node_type)
 
     def _constant(self, value: float) -> Ref:
         # A Python number: a weakly typed scalar constant, shared by every use. Plain numbers
@@ -135,10 +112,42 @@ class _Builder:
             node = make_node(
                 self.fresh_name("const"), "constant", (), {"value": array, "weak": True}
             )
-            self._constants[key] = self.emit(node)
+            self._constants[key] = self._emit(node, ())
         if plain:
             self._numbers[number] = self._constants[key]
         return self._constants[key]
+
+
+@functools.cache
+def _emitter(op: str) -> Callable[..., Ref]:
+    """The _Builder method that emits a node of `op` (one function, not two: the hot path)."""
+
+    def emit_op(builder: _Builder, *operands: Ref | float, **attrs: Any) -> Ref:
+        names, input_types = [], []
+        for operand in operands:
+            ref = operand if isinstance(operand, Ref) else builder._constant(operand)
+            names.append(ref.name)
+            input_types.append(ref.type)
+        builder._count += 1
+        name = f"{builder.prefix}/{op}_{builder._count}"  # fresh_name's, without its call
+        if attrs:
+            return builder._emit(make_node(name, op, names, attrs), tuple(input_types))
+        # Most emitted nodes have all attributes at their defaults: then the attributes and
+        # the type depend only on the op and the operand types, and are remembered by them
+        # (by identity, as TypeMemo does; the entry holds the types), which saves building
+        # and checking the node's attributes and its memo key on every call.
+        key = (op, *map(id, input_types))
+        known = builder._defaults_and_types.get(key)
+        if known is None:
+            ref = builder._emit(make_node(name, op, names, attrs), tuple(input_types))
+            builder._defaults_and_types[key] = (builder.nodes[-1].attrs, ref.type, input_types)
+            return ref
+        defaults, node_type, _ = known
+        builder.nodes.append(Node(name, op, tuple(names), defaults))
+        builder.node_types.append(node_type)
+        return Ref(name, node_type)
+
+    return emit_op
 
 
 def gradient_graph(
@@ -155,8 +164,7 @@ def gradient_graph(
     here, once, so no rule deals with broadcasting.
     """
     wrt = list(dict.fromkeys(wrt))
-    all_types = dict(types)
-    builder = _Builder(graph.nodes, all_types)
+    builder = _Builder(graph.nodes)
     out_type = types[output]
     seed = builder.input("seed", out_type.dtype, out_type.shape)
 
@@ -175,6 +183,9 @@ def gradient_graph(
         forward_types.append(node_type)
         if (name in wanted or not active.isdisjoint(node.inputs)) and node_type.is_float:
             active.add(name)
+    # Emitted types equal to forward ones are then those very objects: most gradients are
+    # seen to fit their node at once, and more emitted types are remembered as one.
+    builder.intern_types(forward_types)
 
     pending: dict[str, list[Ref]] = {output: [seed]} if output in active else {}
     gradients: dict[str, Ref] = {}
@@ -194,11 +205,15 @@ def gradient_graph(
             gradients[node.name] = g
         opdef = OPS[node.op]
         inputs = node.inputs
-        needs = [source in active and opdef.is_differentiable(i) for i, source in enumerate(inputs)]
+        flags = opdef.differentiable
+        if flags and all(flags):  # every operand is differentiable (the usual case)
+            needs = list(map(active.__contains__, inputs))
+        else:
+            needs = [s in active and opdef.is_differentiable(i) for i, s in enumerate(inputs)]
         if not any(needs):
             continue
         assert opdef.backward is not None  # an op without a rule differentiates no input
-        input_refs = tuple(map(Ref, inputs, map(all_types.__getitem__, inputs)))
+        input_refs = tuple(map(Ref, inputs, map(types.__getitem__, inputs)))
         call = GradCall(node.attrs, input_refs, Ref(node.name, node_type))
         results = tuple(opdef.backward(builder, call, g))
         if len(results) != len(node.inputs):
@@ -208,21 +223,22 @@ def gradient_graph(
             )
         for operand, need, result in zip(call.inputs, needs, results, strict=True):
             if need and result is not None:
-                pending.setdefault(operand.name, []).append(_fit(builder, result, operand.type))
+                if result.type is not operand.type:
+                    result = _fit(builder, result, operand.type)
+                pending.setdefault(operand.name, []).append(result)
 
     result_names: dict[str, str] = {}
     skipped: dict[str, str] = {}
     for name in wrt:
-        node_type = all_types[name]
+        node_type = types[name]
         if not node_type.is_float:
             skipped[name] = f"{node_type.dtype.name} is not differentiable"
         elif name in gradients:
             result_names[name] = gradients[name].name
         else:
             zeros = {"shape": node_type.shape, "dtype": node_type.dtype}
-            result_names[name] = builder.emit(
-                make_node(builder.fresh_name("zeros"), "zeros", (), zeros)
-            ).name
+            zeros_node = make_node(builder.fresh_name("zeros"), "zeros", (), zeros)
+            result_names[name] = builder._emit(zeros_node, ()).name
 
     # What the results depend on: inputs are emitted before the nodes that take them.
     keep = {seed.name, *result_names.values()}
@@ -269,8 +285,8 @@ class DirectionalGraph:
 
 def directional_derivative(combined: GradientGraph, names: Iterable[str]) -> DirectionalGraph:
     """Extend a gradient graph with the dot product of the gradients of `names` with new inputs."""
-    types = dict(combined.types)
-    builder = _Builder(combined.graph.nodes, types, stem="hvp")
+    types = combined.types
+    builder = _Builder(combined.graph.nodes, stem="hvp")
     vectors: dict[str, str] = {}
     total: Ref | None = None
     for name in names:
@@ -282,4 +298,4 @@ def directional_derivative(combined: GradientGraph, names: Iterable[str]) -> Dir
     assert total is not None, "a directional derivative needs at least one direction"
     graph = Graph([*combined.graph.nodes.values(), *builder.nodes])
     graph.digest = f"{combined.graph.digest}/directional"
-    return DirectionalGraph(graph, types, total.name, vectors)
+    return DirectionalGraph(graph, types | builder.emitted_types(), total.name, vectors)
