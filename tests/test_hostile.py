@@ -1721,6 +1721,7 @@ case(
         batch_axes={"x": 0},
     ),
     EXHAUSTED,
+    "'w' (600 elements) is shared by the 100000 examples",
     "max_tensor_elements",
 )
 

@@ -1582,6 +1582,13 @@ class Engine:
             if name in examples:
                 run_feeds[name] = np.ascontiguousarray(examples[name])
             elif name in batched.batched:
+                if value.size * rows > self.limits.max_tensor_elements:
+                    raise LimitExceeded(
+                        f"input {name!r} ({value.size} elements) is shared by the {rows} "
+                        f"examples, which get one gradient each: {value.size * rows} elements; "
+                        f"the limit (max_tensor_elements) is {self.limits.max_tensor_elements}",
+                        limit="max_tensor_elements",
+                    )
                 run_feeds[name] = np.broadcast_to(value[np.newaxis], (rows, *value.shape))
             else:
                 run_feeds[name] = value
