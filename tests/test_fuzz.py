@@ -892,6 +892,16 @@ KNOWN_PRODUCTS = {
             batched_tangents=True,
         ),
     ),
+    # the same through Jacobian, which runs forward mode as a batched JVP
+    "forward-mode Jacobian wrt an input the output does not depend on": (
+        "Jacobian",
+        service_pb2.JacobianRequest(
+            graph=TWO_INPUTS,
+            inputs={"x": _feed(2), "y": scalar(0.0)},
+            output="y",
+            mode=service_pb2.JACOBIAN_MODE_FORWARD,
+        ),
+    ),
     # np.ascontiguousarray made the 0-d block of shape [1]
     "forward-mode Jacobian of a scalar by a scalar": (
         "Jacobian",
