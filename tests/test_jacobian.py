@@ -29,7 +29,10 @@ from gradient_server.engine import Engine, Limits
 from gradient_server.errors import LimitExceeded
 from gradient_server.service import create_server
 
-torch = pytest.importorskip("torch")
+try:
+    import torch
+except ImportError:  # torch is not a dependency: its oracle runs where it is installed
+    torch = None
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -184,15 +187,17 @@ def test_tall_output_uses_reverse_mode(client, engine):
     r = client.jacobian(g, probs, inputs)
 
     assert r.mode == "reverse" and r.products == 8
-    expected = torch.autograd.functional.jacobian(
-        _torch_mlp, tuple(torch.from_numpy(inputs[n]) for n in names)
-    )
-    for name, truth in zip(names, expected, strict=True):
+    for name in names:
         assert r[name].shape == (4, 2, *inputs[name].shape), name
-        np.testing.assert_allclose(r[name], truth.numpy(), rtol=1e-12, atol=1e-14, err_msg=name)
         np.testing.assert_allclose(
             r[name], fd_jacobian(engine, g, inputs, "probs", name), rtol=1e-6, atol=1e-8
         )
+    if torch is not None:  # a second oracle where PyTorch is installed
+        expected = torch.autograd.functional.jacobian(
+            _torch_mlp, tuple(torch.from_numpy(inputs[n]) for n in names)
+        )
+        for name, truth in zip(names, expected, strict=True):
+            np.testing.assert_allclose(r[name], truth.numpy(), rtol=1e-12, atol=1e-14)
     forced = client.jacobian(g, probs, inputs, mode="forward")
     assert forced.mode == "forward" and forced.products == 42
     for name in names:
@@ -210,21 +215,22 @@ def test_wide_output_uses_forward_mode(client, engine):
     inputs = {"x": np.array([0.3, -1.2]), "s": np.array(0.4)}
     g = Graph()
     out = _wide(g)
-    grid = torch.linspace(-1.0, 1.0, 12, dtype=torch.float64).reshape(3, 4, 1)
 
     r = client.jacobian(g, out, inputs, wrt=["x", "s"])
 
     assert r.mode == "forward" and r.products == 3
-    expected = torch.autograd.functional.jacobian(
-        lambda x, s: torch.sin((grid * x).sum(-1)) * torch.exp(s),
-        (torch.from_numpy(inputs["x"]), torch.from_numpy(inputs["s"])),
-    )
-    for name, truth in zip(["x", "s"], expected, strict=True):
+    for name in ("x", "s"):
         assert r[name].shape == (3, 4, *inputs[name].shape)
-        np.testing.assert_allclose(r[name], truth.numpy(), rtol=1e-12, atol=1e-14)
         np.testing.assert_allclose(
             r[name], fd_jacobian(engine, g, inputs, "out", name), rtol=1e-6, atol=1e-8
         )
+    # Exact, by hand: out = sin(grid·x summed) · e^s.
+    grid = np.linspace(-1.0, 1.0, 12).reshape(3, 4, 1)
+    inner = (grid * inputs["x"]).sum(-1)
+    scale = np.exp(inputs["s"])
+    by_x = np.broadcast_to(np.cos(inner)[..., None] * grid * scale, (3, 4, 2))
+    np.testing.assert_allclose(r["x"], by_x, rtol=1e-12)
+    np.testing.assert_allclose(r["s"], np.sin(inner) * scale, rtol=1e-12)
     forced = client.jacobian(g, out, inputs, wrt=["x", "s"], mode="reverse")
     assert forced.mode == "reverse" and forced.products == 12
     for name in ("x", "s"):
@@ -245,6 +251,29 @@ def test_float32_jacobian_stays_float32(client):
             np.testing.assert_allclose(r32[name], r64[name], rtol=1e-4, atol=1e-5)
 
 
+def test_hessian_matches_finite_differences_of_the_gradient(client):
+    rng = rng_for("hessian-fd")
+    x_value, w_value = rng.standard_normal((2, 3)), rng.standard_normal((3,))
+    g = Graph()
+    x, w = g.input("x"), g.input("w")
+    f = g.sum(g.tanh(g.mul(g.matmul(x, w), g.sum(g.square(x)))), name="f")
+    full = client.hessian(g, f, {"x": x_value, "w": w_value}, wrt=["x", "w"])
+    flat = np.concatenate([x_value.ravel(), w_value])
+
+    def gradient(point: np.ndarray) -> np.ndarray:
+        feeds = {"x": point[:6].reshape(2, 3), "w": point[6:]}
+        r = client.gradient(g, f, feeds, wrt=["x", "w"])
+        return np.concatenate([r.gradients["x"].ravel(), r.gradients["w"]])
+
+    columns = []
+    for index in range(9):
+        step = np.zeros(9)
+        step[index] = 1e-6
+        columns.append((gradient(flat + step) - gradient(flat - step)) / 2e-6)
+    np.testing.assert_allclose(full, np.stack(columns, axis=1), rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.skipif(torch is None, reason="PyTorch is not installed: its oracle runs where it is")
 def test_hessian_matches_torch(client):
     rng = rng_for("hessian-torch")
     x_value, w_value = rng.standard_normal((2, 3)), rng.standard_normal((3,))

@@ -33,8 +33,17 @@ from gradient_client.cli import main
 from gradient_server.engine import Engine
 from gradient_server.ops import OPS
 
-torch = pytest.importorskip("torch")
-F = torch.nn.functional
+try:
+    import torch
+
+    F = torch.nn.functional
+except ImportError:  # torch is not a dependency: its oracle runs where it is installed
+    torch = None
+    F = None
+
+requires_torch = pytest.mark.skipif(
+    torch is None, reason="PyTorch is not installed: the torch.func.jvp oracle runs where it is"
+)
 
 EPS = 1e-6
 RTOL = 1e-6
@@ -290,6 +299,7 @@ def test_every_row_op_has_a_torch_counterpart_or_a_reason():
     assert not set(TORCH) & set(NO_TORCH)
 
 
+@requires_torch
 @pytest.mark.parametrize("r", OP_ROWS, ids=lambda r: r.id)
 def test_jvp_matches_torch_func_jvp(client, r):
     if r.op in NO_TORCH:
@@ -385,6 +395,13 @@ def test_non_scalar_output_matches_torch_and_finite_differences(client, engine):
 
     r = client.jvp(g, probs, inputs, v)
 
+    assert r.tangents[probs].shape == (4, 2)
+    np.testing.assert_allclose(
+        r.tangents[probs], fd_jvp(engine, g, inputs, "probs", v), rtol=1e-6, atol=1e-8
+    )
+    if torch is None:
+        return  # the finite differences above are the check; torch adds one where installed
+
     def torch_mlp(x, w1, b1, w2):
         return torch.softmax(torch.tanh(x @ w1 + b1) @ w2, dim=-1)
 
@@ -395,11 +412,7 @@ def test_non_scalar_output_matches_torch_and_finite_differences(client, engine):
         tuple(torch.from_numpy(inputs[n]) for n in names),
         tuple(torch.from_numpy(full_v[n]) for n in names),
     )
-    assert r.tangents[probs].shape == (4, 2)
     np.testing.assert_allclose(r.tangents[probs], expected.numpy(), rtol=1e-12, atol=1e-14)
-    np.testing.assert_allclose(
-        r.tangents[probs], fd_jvp(engine, g, inputs, "probs", v), rtol=1e-6, atol=1e-8
-    )
 
 
 def test_float32_graph_gives_float32_tangents(client):
