@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import heapq
 import itertools
+import operator
 from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 from typing import Any
@@ -340,21 +341,39 @@ def decode_graph(
     `digest` is the message's content digest when the caller has it (from the bytes received).
     """
     nodes: list[Node] = []
-    positions: dict[str, int] = {}
-    for index, node_message in enumerate(message.nodes):
-        if index % CHECK_EVERY == 0:
-            check_deadline()
+    messages = message.nodes
+    for start in range(0, len(messages), CHECK_EVERY):
+        check_deadline()
+        chunk = messages[start : start + CHECK_EVERY]
         try:
-            node = _decode_node(node_message)
+            # map, rather than a loop of our own: a big graph spends most of its decoding here.
+            nodes.extend(map(_decode_node, chunk))
         except GraphError as e:
-            e.node, e.op = e.node or node_message.name or None, e.op or node_message.op or None
-            raise
-        if positions.setdefault(node.name, index) != index:
-            raise GraphError(f"node {node.name!r}: duplicate node name", node=node.name, op=node.op)
-        nodes.append(node)
+            failed = chunk[len(nodes) - start]
+            e.node, e.op = e.node or failed.name or None, e.op or failed.op or None
+            error = e
+        else:
+            continue
+        _check_unique(nodes)  # a duplicate before the node at fault is reported first
+        raise error
+    positions = dict(zip(map(_NAME, nodes), range(len(nodes)), strict=True))
+    if len(positions) < len(nodes):
+        _check_unique(nodes)
     graph = Graph(_canonical_order(nodes, positions))
     graph.digest = digest or graph_digest(message)
     return graph
+
+
+_NAME = operator.attrgetter("name")
+
+
+def _check_unique(nodes: list[Node]) -> None:
+    """GraphError naming the first node whose name an earlier node has."""
+    seen: set[str] = set()
+    for node in nodes:
+        if node.name in seen:
+            raise GraphError(f"node {node.name!r}: duplicate node name", node=node.name, op=node.op)
+        seen.add(node.name)
 
 
 def topological_order(nodes: Mapping[str, Node]) -> list[Node]:
@@ -368,41 +387,43 @@ def topological_order(nodes: Mapping[str, Node]) -> list[Node]:
 
 def _canonical_order(nodes: list[Node], positions: Mapping[str, int]) -> list[Node]:
     # topological_order on the nodes' positions in `nodes` (`positions` maps names to them):
-    # lists indexed by position are much cheaper than dicts keyed by name on big graphs.
-    users: list[list[int] | None] = [None] * len(nodes)  # who takes each node, each once
-    pending = [0] * len(nodes)  # how many of each node's inputs are not yet in the order
-    ready: list[tuple[str, int]] = []  # (name, position), a heap
-    for position, node in enumerate(nodes):
-        count = 0
-        for source in node.inputs:
-            source_position = positions.get(source)
-            if source_position is None:
-                raise node_error(node, f"input {source!r} is not a node of the graph")
-            source_users = users[source_position]
-            if source_users is None:
-                users[source_position] = [position]
-                count += 1
-            elif source_users[-1] != position:  # an input taken twice counts once
-                source_users.append(position)
-                count += 1
-        if count:
-            pending[position] = count
-        else:
-            ready.append((node.name, position))
+    # lists indexed by position are much cheaper than dicts keyed by name on big graphs. An
+    # input taken twice counts twice, in `pending` and in `users` alike.
+    pending = list(map(len, map(_INPUTS, nodes)))  # of each node: inputs not yet in the order
+    users: list[list[int]] = [[] for _ in nodes]  # of each node: who takes it
+    try:
+        for position, node in enumerate(nodes):
+            for source in node.inputs:
+                users[positions[source]].append(position)
+    except KeyError:
+        raise _missing_input(nodes, positions) from None
+    sources = itertools.compress(range(len(nodes)), map(operator.not_, pending))
+    ready = [(nodes[position].name, position) for position in sources]  # a heap
     heapq.heapify(ready)
     order: list[Node] = []
     while ready:
         _, position = heapq.heappop(ready)
         order.append(nodes[position])
-        for user in users[position] or ():
-            count = pending[user] - 1
-            pending[user] = count
-            if count == 0:
+        for user in users[position]:
+            pending[user] -= 1
+            if pending[user] == 0:
                 heapq.heappush(ready, (nodes[user].name, user))
     if len(order) < len(nodes):
         stuck = {node.name for node, count in zip(nodes, pending, strict=True) if count > 0}
         raise GraphError(_describe_cycle({node.name: node for node in nodes}, stuck))
     return order
+
+
+def _missing_input(nodes: list[Node], positions: Mapping[str, int]) -> GraphError:
+    """The error naming the first input (in the nodes' order) that is not a node."""
+    for node in nodes:
+        for source in node.inputs:
+            if source not in positions:
+                return node_error(node, f"input {source!r} is not a node of the graph")
+    raise AssertionError("every input is a node")
+
+
+_INPUTS = operator.attrgetter("inputs")
 
 
 def _describe_cycle(nodes: Mapping[str, Node], stuck: set[str]) -> str:
