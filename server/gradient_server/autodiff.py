@@ -123,11 +123,12 @@ def _emitter(op: str) -> Callable[..., Ref]:
     """The _Builder method that emits a node of `op` (one function, not two: the hot path)."""
 
     def emit_op(builder: _Builder, *operands: Ref | float, **attrs: Any) -> Ref:
-        names, input_types = [], []
+        names, input_types, key = [], [], [op]
         for operand in operands:
             ref = operand if isinstance(operand, Ref) else builder._constant(operand)
             names.append(ref.name)
             input_types.append(ref.type)
+            key.append(id(ref.type))
         builder._count += 1
         name = f"{builder.prefix}/{op}_{builder._count}"  # fresh_name's, without its call
         if attrs:
@@ -136,11 +137,11 @@ def _emitter(op: str) -> Callable[..., Ref]:
         # the type depend only on the op and the operand types, and are remembered by them
         # (by identity, as TypeMemo does; the entry holds the types), which saves building
         # and checking the node's attributes and its memo key on every call.
-        key = (op, *map(id, input_types))
-        known = builder._defaults_and_types.get(key)
+        known = builder._defaults_and_types.get(tuple(key))
         if known is None:
             ref = builder._emit(make_node(name, op, names, attrs), tuple(input_types))
-            builder._defaults_and_types[key] = (builder.nodes[-1].attrs, ref.type, input_types)
+            entry = (builder.nodes[-1].attrs, ref.type, input_types)
+            builder._defaults_and_types[tuple(key)] = entry
             return ref
         defaults, node_type, _ = known
         builder.nodes.append(Node(name, op, tuple(names), defaults))
