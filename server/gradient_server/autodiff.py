@@ -88,6 +88,7 @@ class _Builder:
         return Ref(node.name, node_type)
 
     def op(self, op: str, *inputs: Ref | float, **attrs: Any) -> Ref:
+        """Emit a node of `op` taking `inputs` (Refs, or Python numbers for constants)."""
         return _emitter(op)(self, *inputs, **attrs)
 
     def __getattr__(self, op: str) -> Callable[..., Ref]:
@@ -123,7 +124,9 @@ def _emitter(op: str) -> Callable[..., Ref]:
     """The _Builder method that emits a node of `op` (one function, not two: the hot path)."""
 
     def emit_op(builder: _Builder, *operands: Ref | float, **attrs: Any) -> Ref:
-        names, input_types, key = [], [], [op]
+        names: list[str] = []
+        input_types: list[TensorType] = []
+        key: list[Any] = [op]
         for operand in operands:
             ref = operand if isinstance(operand, Ref) else builder._constant(operand)
             names.append(ref.name)
