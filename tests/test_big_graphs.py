@@ -210,3 +210,34 @@ def test_held_bytes_count_constants_names_and_attribute_lists():
     assert graph.constant_bytes == constants == 5 * 7 * 8
     assert graph.extra_bytes == names + ir.LIST_ITEM_BYTES * lists
     assert graph.held_bytes == constants + graph.extra_bytes + ir.NODE_BYTES * len(graph)
+
+
+def test_remembered_emissions_are_the_nodes_and_types_made_afresh():
+    """The gradient builder remembers what it emitted by op, operand types and attributes;
+    a remembered node has the attributes and type that building it anew gives."""
+    builder = autodiff._Builder([])
+    x = builder.input("x", F64, (2, 3))
+    calls = [
+        ("mul", (x, 2.0), {}),
+        ("mul", (x, 2), {}),  # an int constant: another operand type
+        ("sum_to_shape", (x,), {"shape": (1, 3)}),
+        ("sum_to_shape", (x,), {"shape": [1, 3]}),  # unhashable: made afresh
+        ("sum_to_shape", (x,), {"shape": (1.0, 3.0)}),
+        ("cast", (x,), {"dtype": "float32"}),
+        ("cast", (x,), {"dtype": np.dtype("float32")}),
+        ("constant", (), {"value": (1, 2)}),
+        ("constant", (), {"value": (1.0, 2.0)}),  # equal, but another array
+    ]
+    for op, operands, attrs in calls * 2:
+        builder.op(op, *operands, **attrs)
+        node, node_type = builder.nodes[-1], builder.node_types[-1]
+        fresh = ir.make_node(node.name, op, node.inputs, attrs)
+        assert list(node.attrs) == list(fresh.attrs)
+        for name, value in fresh.attrs.items():
+            if isinstance(value, np.ndarray):
+                assert node.attrs[name].dtype == value.dtype
+                np.testing.assert_array_equal(node.attrs[name], value)
+            else:
+                assert node.attrs[name] == value and type(node.attrs[name]) is type(value)
+        input_types = tuple(dict(builder.emitted_types())[s] for s in node.inputs)
+        assert node_type == infer_node_type(fresh, input_types), (op, attrs)

@@ -52,7 +52,8 @@ class _Builder:
         self.node_types: list[TensorType] = []
         self._count = 0
         self._memo = TypeMemo()
-        self._defaults_and_types: dict[tuple[Any, ...], tuple[Any, TensorType, Any]] = {}
+        # By op, operand types and attributes: the attributes and type emitted (see _emitter).
+        self._emitted: dict[tuple[Any, ...], tuple[Any, TensorType, Any]] = {}
         self._constants: dict[tuple[str, Any], Ref] = {}
         self._numbers: dict[tuple[type, Any], Ref] = {}  # _constants by the Python number
 
@@ -121,7 +122,15 @@ class _Builder:
 
 @functools.cache
 def _emitter(op: str) -> Callable[..., Ref]:
-    """The _Builder method that emits a node of `op` (one function, not two: the hot path)."""
+    """The _Builder method that emits a node of `op` (one function, not two: the hot path).
+
+    A node's attributes and type depend only on the op, the operand types and the attributes
+    given, so they are remembered by these (the types by identity, as TypeMemo does, the entry
+    holding them; the attributes by name, type and value): emitting the same operation again
+    only names a new node. Not remembered: unhashable values, and tensor attributes, whose
+    decoded form depends on more than equality ((1, 2) and (1.0, 2.0) give different arrays).
+    """
+    by_value = all(spec.kind != "tensor" for spec in OPS[op].attrs)
 
     def emit_op(builder: _Builder, *operands: Ref | float, **attrs: Any) -> Ref:
         names: list[str] = []
@@ -132,22 +141,23 @@ def _emitter(op: str) -> Callable[..., Ref]:
             names.append(ref.name)
             input_types.append(ref.type)
             key.append(id(ref.type))
+        if attrs:
+            for attr, value in attrs.items():
+                key += (attr, type(value), value)
         builder._count += 1
         name = f"{builder.prefix}/{op}_{builder._count}"  # fresh_name's, without its call
-        if attrs:
-            return builder._emit(make_node(name, op, names, attrs), tuple(input_types))
-        # Most emitted nodes have all attributes at their defaults: then the attributes and
-        # the type depend only on the op and the operand types, and are remembered by them
-        # (by identity, as TypeMemo does; the entry holds the types), which saves building
-        # and checking the node's attributes and its memo key on every call.
-        known = builder._defaults_and_types.get(tuple(key))
+        remembered = tuple(key)
+        try:
+            known = builder._emitted.get(remembered) if by_value else None
+        except TypeError:  # an unhashable attribute value
+            known, remembered = None, ()
         if known is None:
             ref = builder._emit(make_node(name, op, names, attrs), tuple(input_types))
-            entry = (builder.nodes[-1].attrs, ref.type, input_types)
-            builder._defaults_and_types[tuple(key)] = entry
+            if by_value and remembered:
+                builder._emitted[remembered] = (builder.nodes[-1].attrs, ref.type, input_types)
             return ref
-        defaults, node_type, _ = known
-        builder.nodes.append(Node(name, op, tuple(names), defaults))
+        node_attrs, node_type, _ = known
+        builder.nodes.append(Node(name, op, tuple(names), node_attrs))
         builder.node_types.append(node_type)
         return Ref(name, node_type)
 
